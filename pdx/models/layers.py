@@ -1,0 +1,157 @@
+"""Building blocks shared by the model families: dense, RMSNorm, RoPE, SwiGLU, masked attention.
+
+Weights are stored PyTorch-style, output dimension first (`[out, in]`): on XLA CPU a gemv that
+streams contiguous rows runs ~15% faster than the `[in, out]` layout (measured on SmolLM2 geometry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
+
+
+def dense(eq: str, x: jax.Array, w) -> jax.Array:
+    """`einsum(eq, x, w)` in the activation dtype; `w` may be a quantized weight (see `pdx.models.quant`)."""
+    if hasattr(w, "dequantized_einsum"):
+        return w.dequantized_einsum(eq, x)
+    return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in fp32 and cast back, as Llama does."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling (`rope_type: llama3` in HF configs)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Inverse frequencies `[head_dim // 2]`, with the Llama-3 scaling rule applied if given."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[B, T, head_dim]` for positions `[B, T]` (half-split layout, as HF Llama)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [B, T, N, H]` by the tables `[B, T, H]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """`down(silu(gate(x)) * up(x))` with weights `[F, D]`, `[F, D]`, `[D, F]`."""
+    gate = dense("btd,fd->btf", x, w_gate)
+    up = dense("btd,fd->btf", x, w_up)
+    return dense("btf,df->btd", jax.nn.silu(gate) * up, w_down)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks. Every attention call is described by query positions, key positions and key validity;
+# the mask mode turns those into a boolean [B, T, S] visibility mask.
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskMode:
+    """Static description of an attention pattern.
+
+    kind: "causal", "bidirectional" (dLLM) or "block_causal" (block diffusion: causal across
+    blocks of `block_size` positions, bidirectional inside one). A per-layer sliding window
+    (from the model config) is applied on top of any kind.
+    """
+
+    kind: str = "causal"
+    block_size: int = 0
+
+    def __post_init__(self):
+        from pdx.errors import InvalidInputError
+
+        if self.kind not in ("causal", "bidirectional", "block_causal"):
+            raise InvalidInputError(
+                f"unknown mask mode {self.kind!r}; use 'causal', 'bidirectional' or MaskMode('block_causal', n)"
+            )
+        if (self.kind == "block_causal") != (self.block_size > 0):
+            raise InvalidInputError("block_size > 0 is required for, and only for, mask mode 'block_causal'")
+
+
+CAUSAL = MaskMode("causal")
+BIDIRECTIONAL = MaskMode("bidirectional")
+
+
+def as_mask_mode(mode: str | MaskMode) -> MaskMode:
+    return mode if isinstance(mode, MaskMode) else MaskMode(mode)
+
+
+def visibility(
+    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, mode: MaskMode, window: jax.Array | int
+) -> jax.Array:
+    """Boolean `[B, T, S]`: may the query at `q_pos [B, T]` see the key at `k_pos [B, S]`?
+
+    `window` is the sliding-window length (a key is visible iff `q - k < window`); pass 0 for
+    no window. It may be traced, so layers with different windows share one scanned program.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    if mode.kind == "causal":
+        visible = k <= q
+    elif mode.kind == "block_causal":
+        visible = (k // mode.block_size) <= (q // mode.block_size)
+    else:
+        visible = jnp.ones(q.shape[:2] + k.shape[2:], bool)
+    window = jnp.asarray(window)
+    visible &= (window <= 0) | (q - k < window)
+    return visible & k_valid[:, None, :]
+
+
+def attention(q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Grouped-query attention of `q [B, T, N, H]` over one or more key/value segments.
+
+    Each segment is `(k [B, K, S, H], v [B, K, S, H], visible [B, T, S])`. Scores of all segments
+    share one softmax; keeping the cache and the new tokens as separate segments avoids copying
+    the cache to concatenate them. Returns `[B, T, N, H]`.
+    """
+    b, t, n, h = q.shape
+    kv_heads = segments[0][0].shape[1]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h) * (1.0 / math.sqrt(h))  # [B, T, K, G, H]
+    scores = []
+    for k, _, visible in segments:
+        s = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)  # [B, K, G, T, S]
+        scores.append(jnp.where(visible[:, None, None], s, NEG_INF))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+    out, start = 0, 0
+    for k, v, _ in segments:
+        p = probs[..., start : start + k.shape[2]]
+        out = out + jnp.einsum("bkgts,bksh->btkgh", p, v.astype(q.dtype))
+        start += k.shape[2]
+    return out.reshape(b, t, n, h)

@@ -1,0 +1,200 @@
+"""Llama-family decoder transformer (Llama, SmolLM2, Qwen2, Mistral) as pure functions.
+
+Model protocol (see DESIGN.md):
+    cfg = Config(...)                                     # frozen, static under jit
+    params = init_params(cfg, key)                        # or pdx.io loaders
+    cache = init_cache(cfg, batch, max_len, dtype)
+    logits, cache = forward(params, cfg, tokens, positions, cache, mask_mode)
+
+Params (layers stacked on a leading axis L and run with `lax.scan`, weights `[out, in]`):
+    embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied)
+    layers: attn_norm [L, D], wq [L, N, H, D], wk/wv [L, K, H, D], wo [L, D, N, H],
+            bq [L, N, H], bk/bv [L, K, H] (attention_bias), bo [L, D] (attention_out_bias),
+            mlp_norm [L, D], w_gate/w_up [L, F, D], w_down [L, D, F]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pdx.errors import ConfigError, require
+from pdx.models import layers as nn
+from pdx.models.layers import CAUSAL, MaskMode, RopeScaling
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2, Llama with attention_bias)
+    attention_out_bias: bool = False  # bias on the output projection (Llama with attention_bias)
+    # Sliding window per layer (0 = full attention); a tuple so the config stays hashable.
+    layer_windows: tuple[int, ...] | None = None
+    max_position_embeddings: int = 8192
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    mask_token_id: int | None = None  # set for masked-diffusion LLMs
+
+    def __post_init__(self):
+        require(self.num_heads % self.num_kv_heads == 0,
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})", ConfigError)
+        require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}", ConfigError)
+        if self.layer_windows is not None:
+            require(len(self.layer_windows) == self.num_layers,
+                    f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers", ConfigError)
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return self.layer_windows or (0,) * self.num_layers
+
+
+SMOLLM2_135M = Config(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+    head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
+    bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
+)
+
+
+def init_params(cfg: Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
+    """Random normal params (std `scale`), norms at one: for tests and training from scratch."""
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    shapes = {"wq": (L, N, H, D), "wk": (L, K, H, D), "wv": (L, K, H, D), "wo": (L, D, N, H),
+              "w_gate": (L, F, D), "w_up": (L, F, D), "w_down": (L, D, F)}
+    if cfg.attention_bias:
+        shapes |= {"bq": (L, N, H), "bk": (L, K, H), "bv": (L, K, H)}
+    if cfg.attention_out_bias:
+        shapes["bo"] = (L, D)
+    keys = jax.random.split(key, len(shapes) + 2)
+    layers = {name: (scale * jax.random.normal(k, shape)).astype(dtype)
+              for k, (name, shape) in zip(keys, shapes.items())}
+    layers["attn_norm"] = jnp.ones((L, D), dtype)
+    layers["mlp_norm"] = jnp.ones((L, D), dtype)
+    params = {"embed": (scale * jax.random.normal(keys[-2], (V, D))).astype(dtype), "layers": layers,
+              "final_norm": jnp.ones((D,), dtype)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = (scale * jax.random.normal(keys[-1], (V, D))).astype(dtype)
+    return params
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+    """Fixed-size KV cache. Slot s of a row holds the token at position s of that row.
+
+    k, v: [L, B, K, S, H]; lengths: [B] int32, the number of valid slots per row (also the
+    next write offset). Rolling back is lowering `lengths`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write `new [L, B, K, T, H]` into `buf [L, B, K, S, H]` at slot `starts[b]` of each row."""
+    write = lambda b, n, s: lax.dynamic_update_slice(b, n.astype(b.dtype), (0, 0, s, 0))  # noqa: E731
+    return jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)(buf, new, starts)
+
+
+def hidden_states(
+    params: dict,
+    cfg: Config,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    mask_mode: str | MaskMode = CAUSAL,
+    kv_valid: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states `[B, T, D]` and the updated cache.
+
+    tokens, positions: [B, T] int32. With a cache, the T new keys are written at slots
+    `cache.lengths[b] ...` and every query also sees the cached slots `< lengths[b]` (cached
+    slot s has position s). `kv_valid [B, T]` marks which new tokens may be attended to
+    (False for padding); default all.
+    """
+    mode = nn.as_mask_mode(mask_mode)
+    b, t = tokens.shape
+    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
+    cos, sin = nn.rope_tables(positions, nn.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    if kv_valid is None:
+        kv_valid = jnp.ones((b, t), bool)
+    windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
+    if cache is not None:
+        slot_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+        slot_valid = slot_pos < cache.lengths[:, None]  # [B, S]
+
+    def layer(x, xs):
+        p, window, cached = xs
+        with jax.named_scope("attention"):
+            h = nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+            q = nn.dense("btd,nhd->btnh", h, p["wq"])  # [B, T, N, H]
+            k = nn.dense("btd,khd->btkh", h, p["wk"])  # [B, T, K, H]
+            v = nn.dense("btd,khd->btkh", h, p["wv"])
+            if cfg.attention_bias:
+                q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
+            q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+            segments = [(k, v, nn.visibility(positions, positions, kv_valid, mode, window))]
+            if cached is not None:
+                ck, cv = cached  # [B, K, S, H]
+                segments.insert(0, (ck, cv, nn.visibility(positions, slot_pos, slot_valid, mode, window)))
+            o = nn.attention(q, segments)  # [B, T, N, H]
+            o = nn.dense("btnh,dnh->btd", o, p["wo"])
+            x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
+        with jax.named_scope("mlp"):
+            h = nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+            x = x + nn.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+        return x, (k, v)
+
+    cached = None if cache is None else (cache.k, cache.v)
+    x, (new_k, new_v) = lax.scan(layer, x, (params["layers"], windows, cached))  # new_k: [L, B, K, T, H]
+    x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cache is not None:
+        cache = KVCache(_write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths),
+                        cache.lengths + t)
+    return x, cache
+
+
+def lm_head(params: dict, cfg: Config, x: jax.Array) -> jax.Array:
+    """Logits `[..., V]` in fp32 from hidden states `[..., D]`."""
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    return nn.dense("...d,vd->...v", x, w).astype(jnp.float32)
+
+
+def forward(
+    params: dict,
+    cfg: Config,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    mask_mode: str | MaskMode = CAUSAL,
+    kv_valid: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, kv_valid)
+    return lm_head(params, cfg, x), cache
