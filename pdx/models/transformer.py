@@ -128,21 +128,22 @@ def hidden_states(
     positions: jax.Array,
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
-    kv_valid: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
-    tokens, positions: [B, T] int32. With a cache, the T new keys are written at slots
-    `cache.lengths[b] ...` and every query also sees the cached slots `< lengths[b]` (cached
-    slot s has position s). `kv_valid [B, T]` marks which new tokens may be attended to
-    (False for padding); default all.
+    tokens, positions: [B, T] int32. `valid [B, T]` marks real tokens (False for padding; default
+    all): padding is never attended to. With a cache, the T new keys are written at slots
+    `cache.lengths[b] ...`, every query also sees the cached slots `< lengths[b]` (cached slot s
+    holds position s), and `lengths` advances by the number of valid tokens, so `valid` must be a
+    per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
     x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
     cos, sin = nn.rope_tables(positions, nn.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    if kv_valid is None:
-        kv_valid = jnp.ones((b, t), bool)
+    if valid is None:
+        valid = jnp.ones((b, t), bool)
     windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
     if cache is not None:
         slot_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
@@ -159,7 +160,7 @@ def hidden_states(
                 q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
             q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            segments = [(k, v, nn.visibility(positions, positions, kv_valid, mode, window))]
+            segments = [(k, v, nn.visibility(positions, positions, valid, mode, window))]
             if cached is not None:
                 ck, cv = cached  # [B, K, S, H]
                 segments.insert(0, (ck, cv, nn.visibility(positions, slot_pos, slot_valid, mode, window)))
@@ -176,7 +177,7 @@ def hidden_states(
     x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
         cache = KVCache(_write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths),
-                        cache.lengths + t)
+                        cache.lengths + valid.sum(-1, dtype=jnp.int32))
     return x, cache
 
 
@@ -193,8 +194,8 @@ def forward(
     positions: jax.Array,
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
-    kv_valid: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, kv_valid)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid)
     return lm_head(params, cfg, x), cache

@@ -123,14 +123,15 @@ def test_prefill_then_decode_matches_full_forward(tiny_cfg, window):
 
 
 def test_cache_rows_of_different_lengths(tiny_cfg):
-    """Right-padded prefill, lengths rolled back per row, then decode: each row matches its own full forward."""
+    """Right-padded prefill (lengths advance by valid tokens), then decode: each row matches its own full forward."""
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
     seqs = [[5, 9, 3, 7, 1, 2], [4, 8, 6]]
     extra = [[11, 12], [13, 14]]
     cache = tf.init_cache(tiny_cfg, 2, 16)
     padded = jnp.array([s + [0] * (6 - len(s)) for s in seqs])
-    logits, cache = tf.forward(params, tiny_cfg, padded, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
-    cache = dataclasses.replace(cache, lengths=jnp.array([len(s) for s in seqs]))
+    valid = jnp.arange(6)[None] < jnp.array([[len(s)] for s in seqs])
+    logits, cache = tf.forward(params, tiny_cfg, padded, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache, valid=valid)
+    assert cache.lengths.tolist() == [len(s) for s in seqs]
     for j in range(2):
         tok = jnp.array([[e[j]] for e in extra])
         logits, cache = tf.forward(params, tiny_cfg, tok, cache.lengths[:, None], cache)
@@ -140,12 +141,12 @@ def test_cache_rows_of_different_lengths(tiny_cfg):
             np.testing.assert_allclose(np.asarray(logits[b, 0]), np.asarray(ref[0, -1]), atol=1e-5)
 
 
-def test_padding_is_masked_with_kv_valid(tiny_cfg):
+def test_padding_is_masked_with_valid(tiny_cfg):
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
     tokens = jnp.array([[3, 4, 5, 0, 0]])
     valid = jnp.array([[True, True, True, False, False]])
     pos = jnp.arange(5)[None]
-    padded, _ = tf.forward(params, tiny_cfg, tokens, pos, mask_mode=BIDIRECTIONAL, kv_valid=valid)
+    padded, _ = tf.forward(params, tiny_cfg, tokens, pos, mask_mode=BIDIRECTIONAL, valid=valid)
     alone, _ = tf.forward(params, tiny_cfg, tokens[:, :3], pos[:, :3], mask_mode=BIDIRECTIONAL)
     np.testing.assert_allclose(np.asarray(padded[:, :3]), np.asarray(alone), atol=1e-5)
 
