@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import types
 
 from pdx.errors import InvalidInputError, ModelLoadError
 
@@ -19,14 +20,8 @@ class Model:
     cfg: object
     params: dict
     tokenizer: object | None
+    family: types.ModuleType  # module implementing the model protocol (init_cache, forward, ...)
     source: str = ""
-
-    @property
-    def family(self):
-        """The module implementing the model protocol for this config."""
-        from pdx.models import transformer
-
-        return transformer
 
 
 def default_model_path() -> str:
@@ -54,6 +49,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     import jax.numpy as jnp
 
     from pdx.io import gguf_file, hf_checkpoint, tokenizer
+    from pdx.models import transformer
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
@@ -67,7 +63,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     else:
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
     params = {k: _to_jax(v, getattr(jnp, dtype)) for k, v in params.items()}
-    return Model(cfg=cfg, params=params, tokenizer=tok, source=path)
+    return Model(cfg=cfg, params=params, tokenizer=tok, family=transformer, source=path)
 
 
 def _to_jax(tree, dtype):

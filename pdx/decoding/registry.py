@@ -1,0 +1,24 @@
+"""Named decoding strategies for the CLI (`pdx generate --strategy NAME`, `pdx strategies`).
+
+Each entry points at a function `generate(model, prompts, *, max_new_tokens, seed, **options)
+-> GenerationResult`, where `prompts` is a list of token-id lists. Imports are lazy so the CLI
+starts fast and a strategy's module is only loaded when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pdx.errors import InvalidInputError
+
+# name -> ("module:function", one-line description)
+STRATEGIES: dict[str, tuple[str, str]] = {
+    "ar": ("pdx.decoding.ar:generate", "autoregressive: greedy or temperature/top-k/top-p/min-p sampling"),
+}
+
+
+def get(name: str):
+    if name not in STRATEGIES:
+        raise InvalidInputError(f"unknown strategy {name!r}; `pdx strategies` lists: {', '.join(sorted(STRATEGIES))}")
+    module, func = STRATEGIES[name][0].split(":")
+    return getattr(importlib.import_module(module), func)
