@@ -1,0 +1,147 @@
+"""`pdx` command line: generate | strategies | bench | eval."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from pdx.errors import InvalidInputError, PdxError
+
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """`key=value` with the value read as JSON when it parses (numbers, bools, lists), else a string."""
+    if "=" not in text:
+        raise InvalidInputError(f"--option expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise InvalidInputError(f"prompt file not found: {args.prompt_file}")
+        with open(args.prompt_file) as f:
+            if args.prompt_file.endswith(".jsonl"):
+                for line in filter(str.strip, f):
+                    item = json.loads(line)
+                    prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
+            else:
+                prompts.append(f.read())
+    if not prompts:
+        raise InvalidInputError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def cmd_generate(args) -> None:
+    from pdx.decoding import registry
+    from pdx.model import load_model
+
+    options = dict(_parse_option(o) for o in args.option or [])
+    strategy = registry.get(args.strategy)
+    texts = read_prompts(args)
+    model = load_model(args.model, dtype=args.dtype)
+    tok = model.tokenizer
+    if tok is None:
+        raise InvalidInputError(f"{model.source} has no tokenizer; pdx generate needs one to read text prompts")
+    if args.chat:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    sampling = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, **options}
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            sampling[name] = getattr(args, name)
+    for text in texts:
+        ids = tok.encode(text, allow_special=args.chat)
+        if args.format == "text" and args.strategy == "ar":
+            from pdx.decoding import ar
+
+            for piece in ar.stream(model, ids, **sampling):
+                print(piece, end="", flush=True)
+            print()
+            continue
+        result = strategy(model, [ids], **sampling)
+        new_ids = result.row(0)
+        out_text = tok.decode([t for t in new_ids if t not in model.cfg.eos_token_ids])
+        if args.format == "text":
+            print(out_text, flush=True)
+            continue
+        s = result.stats
+        print(json.dumps({"prompt": text, "token_ids": new_ids, "text": out_text, "num_new_tokens": len(new_ids),
+                          "forward_passes": s.get("forward_passes"), "prefill_s": s.get("prefill_s"),
+                          "decode_s": s.get("decode_s"), "tokens_per_s": s.get("tokens_per_s"),
+                          "strategy": args.strategy}), flush=True)
+
+
+def cmd_strategies(args) -> None:
+    from pdx.decoding.registry import STRATEGIES
+
+    for name, (_, about) in sorted(STRATEGIES.items()):
+        print(f"{name:16s} {about}")
+
+
+def _run_script(kind: str, name: str, argv: list[str]) -> None:
+    """`pdx bench NAME` / `pdx eval NAME` run `scripts/{kind}_{NAME}.py` of the source tree."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "scripts", f"{kind}_{name}.py")
+    if not os.path.isfile(path):
+        available = sorted(f[len(kind) + 1 : -3] for f in os.listdir(os.path.join(root, "scripts"))
+                           if f.startswith(kind + "_")) if os.path.isdir(os.path.join(root, "scripts")) else []
+        raise InvalidInputError(f"no {kind} named {name!r} (looked for {path}); available: {available}")
+    spec = importlib.util.spec_from_file_location(f"pdx_{kind}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdx", description="Fast LLM decoding on JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--prompt-file", help="a text file (one prompt) or .jsonl (one prompt per line)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--format", choices=("text", "json"), default="text")
+    g.add_argument("--strategy", default="ar", help="decoding strategy (`pdx strategies` lists them)")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option (repeatable)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight storage")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("strategies", help="list decoding strategies")
+    s.set_defaults(func=cmd_strategies)
+
+    for kind, about in (("bench", "run a benchmark (scripts/bench_NAME.py)"),
+                        ("eval", "run an evaluation (scripts/eval_NAME.py)")):
+        p = sub.add_parser(kind, help=about)
+        p.add_argument("name")
+        p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+        p.set_defaults(func=lambda a, kind=kind: _run_script(kind, a.name, a.args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PdxError as e:
+        print(f"pdx: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Autoregressive decoding: chunked prefill, then one jitted `lax.while_loop` over new tokens.
+
+Shapes are bucketed so prompts of similar length share one compiled program:
+  * batch B is padded up to a power of two (1, 2, 4, 8, ...); padding rows are discarded;
+  * the cache has S slots, S = round_up(longest prompt + max_new_tokens + prefill_chunk, 256);
+    prompts live right-padded in a [B, S] buffer and are prefilled `prefill_chunk` tokens at a
+    time by a loop whose trip count is traced, so the prompt length itself is never a shape.
+Everything else (prompt content, temperature, top-k/p, min-p, penalty, seed, stop ids, the
+number of steps to run) is traced. Finished rows stay in the batch, frozen: they neither write
+new tokens nor advance their cache.
+
+`generate` runs prefill, then decode to the end; `stream` runs the same compiled decode program a
+few steps at a time and yields text as it is produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pdx.decoding import compiled
+from pdx.decoding.result import GenerationResult
+from pdx.decoding.sampling import SamplingParams, check_token_ids, choose
+from pdx.errors import InvalidInputError, require
+
+MAX_STOP_IDS = 8  # stop ids are a fixed-size traced array, padded with -1
+SLOT_BUCKET = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Carry of the decode loop; every field has a static shape."""
+
+    cache: object  # the model family's cache (KVCache, Mamba state, ...)
+    next_token: jax.Array  # [B] token to feed at the next step (already in `out`)
+    out: jax.Array  # [B, N] generated tokens
+    num_new: jax.Array  # [B] tokens generated so far (stop token included)
+    done: jax.Array  # [B] row finished (stop token or length)
+    seen: jax.Array  # [B, V] tokens present in prompt or output (repetition penalty)
+    step: jax.Array  # [] decode steps run so far (= forward passes after prefill)
+    key: jax.Array  # PRNG key
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static shapes of one generate call (the compile key besides the model config)."""
+
+    batch: int  # padded batch
+    slots: int  # cache length S
+    max_new_tokens: int
+    prefill_chunk: int
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def make_plan(cfg, prompts: list[list[int]], max_new_tokens: int, prefill_chunk: int,
+              max_len: int | None = None) -> Plan:
+    """Validate the request at the API edge and pick the shape bucket."""
+    check_token_ids(prompts, cfg.vocab_size)
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+            f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    require(isinstance(prefill_chunk, int) and prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    longest = max(len(p) for p in prompts)
+    needed = longest + max_new_tokens + prefill_chunk
+    slots = max_len if max_len is not None else _round_up(needed, SLOT_BUCKET)
+    if slots < needed:
+        raise InvalidInputError(
+            f"the cache holds {slots} positions but the prompt ({longest} tokens) + max_new_tokens "
+            f"({max_new_tokens}) + one prefill chunk ({prefill_chunk}) need {needed}; raise max_len or shorten them")
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise InvalidInputError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{cfg.max_position_embeddings} positions")
+    return Plan(batch=1 << (len(prompts) - 1).bit_length(), slots=slots, max_new_tokens=max_new_tokens,
+                prefill_chunk=prefill_chunk)
+
+
+def stop_array(stop_token_ids) -> jax.Array:
+    ids = list(stop_token_ids)
+    require(len(ids) <= MAX_STOP_IDS, f"at most {MAX_STOP_IDS} stop token ids are supported, got {len(ids)}")
+    return jnp.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan"))
+def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids, key, *, family, cfg, plan: Plan):
+    """Run the prompts through the model chunk by chunk and choose the first new token.
+
+    prompt_buf: [B, S] right-padded prompts; prompt_lens: [B] (0 for batch-padding rows).
+    """
+    b, c = plan.batch, plan.prefill_chunk
+    cache = family.init_cache(cfg, b, plan.slots, jnp.float32)
+    vocab = cfg.vocab_size
+
+    def chunk(i, carry):
+        cache, last_logits = carry
+        start = i * c
+        tokens = lax.dynamic_slice_in_dim(prompt_buf, start, c, axis=1)  # [B, C]
+        positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+        valid = positions < prompt_lens[:, None]
+        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=valid)  # [B, C, V]
+        last = prompt_lens - 1 - start  # index of each row's last prompt token within this chunk
+        here = (last >= 0) & (last < c)
+        picked = jnp.take_along_axis(logits, jnp.clip(last, 0, c - 1)[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where(here[:, None], picked, last_logits)
+
+    num_chunks = (jnp.max(prompt_lens) + c - 1) // c
+    cache, logits = lax.fori_loop(0, num_chunks, chunk, (cache, jnp.zeros((b, vocab), jnp.float32)))
+    in_prompt = jnp.arange(plan.slots)[None] < prompt_lens[:, None]
+    seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_buf].max(in_prompt)
+    key, sub = jax.random.split(key)
+    first = choose(logits, sub, sampling, seen)
+    active = prompt_lens > 0
+    out = jnp.zeros((b, plan.max_new_tokens), jnp.int32).at[:, 0].set(jnp.where(active, first, 0))
+    done = ~active | jnp.isin(first, stop_ids) | (plan.max_new_tokens == 1)
+    seen = seen.at[jnp.arange(b), first].set(True)
+    return DecodeState(cache=cache, next_token=first, out=out, num_new=active.astype(jnp.int32), done=done,
+                       seen=seen, step=jnp.zeros((), jnp.int32), key=key), num_chunks
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("state",))
+def decode(params, state: DecodeState, sampling: SamplingParams, stop_ids, until, *, family, cfg):
+    """Advance every unfinished row until `until` tokens are generated or all rows are done."""
+    b, n = state.out.shape
+
+    def cond(s):
+        return (s.step + 1 < until) & ~jnp.all(s.done)
+
+    def body(s):
+        positions = s.cache.lengths[:, None]  # [B, 1]: slot s holds position s
+        logits, cache = family.forward(params, cfg, s.next_token[:, None], positions, s.cache, valid=~s.done[:, None])
+        key, sub = jax.random.split(s.key)
+        tok = choose(logits[:, 0], sub, sampling, s.seen)
+        tok = jnp.where(s.done, 0, tok)
+        out = lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step + 1))
+        num_new = s.num_new + (~s.done).astype(jnp.int32)
+        done = s.done | jnp.isin(tok, stop_ids) | (num_new >= n)
+        seen = s.seen.at[jnp.arange(b), tok].max(~s.done)
+        return DecodeState(cache=cache, next_token=tok, out=out, num_new=num_new, done=done, seen=seen,
+                           step=s.step + 1, key=key)
+
+    return lax.while_loop(cond, body, state)
+
+
+def _setup(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop_token_ids,
+           seed, prefill_chunk, max_len):
+    plan = make_plan(model.cfg, prompts, max_new_tokens, prefill_chunk, max_len)
+    sampling = SamplingParams.create(temperature, top_k, top_p, min_p, repetition_penalty)
+    stops = model.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids
+    buf = np.zeros((plan.batch, plan.slots), np.int32)
+    lens = np.zeros((plan.batch,), np.int32)
+    for i, ids in enumerate(prompts):
+        buf[i, : len(ids)] = ids
+        lens[i] = len(ids)
+    return plan, sampling, stop_array(stops), jnp.asarray(buf), jnp.asarray(lens), jax.random.PRNGKey(seed)
+
+
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             stop_token_ids: list[int] | None = None, seed: int = 0, prefill_chunk: int = 64,
+             max_len: int | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
+
+    Greedy when temperature is 0. Stops a row at any of `stop_token_ids` (default: the model's
+    EOS ids; pass [] to never stop early). Returns tokens `[B, max_new_tokens]`, per-row lengths
+    and stats: forward_passes, prefill_s, decode_s (compile time excluded after the first call
+    of a shape bucket and reported as `compile_s`), tokens_per_s (decode only).
+    """
+    plan, sampling, stops, buf, lens, key = _setup(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                                    repetition_penalty, stop_token_ids, seed, prefill_chunk, max_len)
+    statics = {"family": model.family, "cfg": model.cfg}
+    t0 = time.perf_counter()
+    (state, chunks), compile_prefill = compiled.run(prefill, statics | {"plan": plan}, model.params, buf, lens,
+                                                    sampling, stops, key)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state, compile_decode = compiled.run(decode, statics, model.params, state, sampling, stops,
+                                         jnp.int32(plan.max_new_tokens))
+    out, num_new, steps = jax.device_get((state.out, state.num_new, state.step))
+    t2 = time.perf_counter()
+    n = len(prompts)
+    new_tokens = int(num_new[:n].sum())
+    prefill_s, decode_s = t1 - t0 - compile_prefill, t2 - t1 - compile_decode
+    stats = {"forward_passes": int(chunks) + int(steps), "prefill_chunks": int(chunks), "decode_steps": int(steps),
+             "prefill_s": prefill_s, "decode_s": decode_s, "compile_s": compile_prefill + compile_decode,
+             "new_tokens": new_tokens, "batch_bucket": plan.batch,
+             "cache_slots": plan.slots, "prompt_tokens": int(sum(len(p) for p in prompts)),
+             "tokens_per_s": (new_tokens - n) / decode_s if decode_s > 0 else 0.0}
+    return GenerationResult(tokens=out[:n], lengths=num_new[:n], stats=stats)
+
+
+def stream(model, prompt: list[int], *, steps_per_chunk: int = 8, **options) -> Iterator[str]:
+    """Yield the decoded text of one prompt piece by piece as it is generated.
+
+    Runs the same compiled decode program as `generate`, `steps_per_chunk` tokens per call, so the
+    per-token path stays on device; only the new tokens cross to the host between chunks.
+    """
+    require(steps_per_chunk >= 1, f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
+    require(model.tokenizer is not None, "streaming text needs a model with a tokenizer")
+    opts = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "stop_token_ids": None, "seed": 0, "prefill_chunk": 64, "max_len": None}
+    unknown = set(options) - set(opts)
+    require(not unknown, f"unknown options for stream: {sorted(unknown)}")
+    opts |= options
+    plan, sampling, stops, buf, lens, key = _setup(model, [prompt], opts["max_new_tokens"], opts["temperature"],
+                                                    opts["top_k"], opts["top_p"], opts["min_p"],
+                                                    opts["repetition_penalty"], opts["stop_token_ids"], opts["seed"],
+                                                    opts["prefill_chunk"], opts["max_len"])
+    statics = {"family": model.family, "cfg": model.cfg}
+    (state, _), _ = compiled.run(prefill, statics | {"plan": plan}, model.params, buf, lens, sampling, stops, key)
+    emitted, text = 0, ""
+    while True:
+        n_done = int(state.num_new[0])
+        ids = np.asarray(state.out[0, :n_done]).tolist()
+        if ids and ids[-1] in set(int(s) for s in stops if s >= 0):
+            ids = ids[:-1]  # do not print the stop token
+        full = model.tokenizer.decode(ids)
+        if not full.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
+            yield full[len(text):]
+            text = full
+        if bool(state.done[0]) or n_done >= plan.max_new_tokens:
+            break
+        emitted = n_done
+        state, _ = compiled.run(decode, statics, model.params, state, sampling, stops,
+                                jnp.int32(emitted + steps_per_chunk))

@@ -1,0 +1,187 @@
+"""The compiled autoregressive engine: transformers parity, batching, compiles, sampling, bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from pdx.decoding import ar, compiled
+from pdx.decoding.sampling import SamplingParams, choose, filter_logits
+from pdx.errors import InvalidInputError
+from pdx.model import Model
+from pdx.models import transformer as tf
+
+HUMANEVAL = ["HumanEval/0", "HumanEval/3", "HumanEval/12", "HumanEval/22", "HumanEval/31", "HumanEval/53",
+             "HumanEval/100", "HumanEval/150"]
+CHATS = ["Write a Python function that reverses a string.", "What is the capital of France? Answer briefly."]
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_cfg_module):
+    return Model(cfg=tiny_cfg_module, params=tf.init_params(tiny_cfg_module, jax.random.PRNGKey(0), scale=0.3),
+                 tokenizer=None, family=tf)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg_module():
+    return dataclasses.replace(tf.SMOLLM2_135M, vocab_size=128, hidden_size=64, intermediate_size=96,
+                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_ids=(2,))
+
+
+def _greedy_parity(smollm2, hf_smollm2, humaneval, tasks, chats):
+    """One padded pdx batch vs transformers' greedy generate one prompt at a time."""
+    tok = smollm2.tokenizer
+    prompts = [tok.encode(humaneval[t]["prompt"]) for t in tasks]
+    prompts += [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), allow_special=True)
+                for c in chats]
+    result = ar.generate(smollm2, prompts, max_new_tokens=NEW)
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=2,
+                                      pad_token_id=2)[0, len(ids):].tolist()
+        assert result.row(i) == ref, f"prompt {i}"
+    return result
+
+
+def test_greedy_matches_transformers_generate(smollm2, hf_smollm2, humaneval):
+    result = _greedy_parity(smollm2, hf_smollm2, humaneval, HUMANEVAL[:2], CHATS[:1])
+    assert len(result.row(0)) == NEW and len(result.row(1)) == NEW
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_generate_10_prompts(smollm2, hf_smollm2, humaneval):
+    """8 HumanEval prompts and 2 chat prompts, 64 new tokens (EOS stops both sides alike)."""
+    result = _greedy_parity(smollm2, hf_smollm2, humaneval, HUMANEVAL, CHATS)
+    assert result.stats["batch_bucket"] == 16
+    assert sum(len(result.row(i)) == NEW for i in range(10)) >= 8  # most rows ran the full 64
+
+
+def test_batch_invariance(smollm2, humaneval):
+    prompts = [smollm2.tokenizer.encode(humaneval[t]["prompt"]) for t in HUMANEVAL[:4]]
+    batched = ar.generate(smollm2, prompts, max_new_tokens=24)
+    for i, ids in enumerate(prompts):
+        alone = ar.generate(smollm2, [ids], max_new_tokens=24)
+        assert alone.row(0) == batched.row(i)
+
+
+def test_one_compile_per_bucket(tiny_model):
+    before = (compiled.compile_count(ar.prefill), compiled.compile_count(ar.decode))
+    a = ar.generate(tiny_model, [[5, 6, 7]], max_new_tokens=16, seed=0)
+    mid = (compiled.compile_count(ar.prefill), compiled.compile_count(ar.decode))
+    b = ar.generate(tiny_model, [[9, 10, 11, 12, 13]], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3)
+    c = ar.generate(tiny_model, [[1, 2]], max_new_tokens=16, temperature=1.3, top_k=5, repetition_penalty=1.2,
+                    stop_token_ids=[7, 8], seed=4)
+    after = (compiled.compile_count(ar.prefill), compiled.compile_count(ar.decode))
+    assert mid[0] - before[0] <= 1 and mid[1] - before[1] <= 1
+    assert after == mid, "a different prompt, temperature, top-p/k, penalty, stops or seed recompiled"
+    assert b.stats["compile_s"] == 0 and c.stats["compile_s"] == 0
+    assert a.stats["forward_passes"] == a.stats["prefill_chunks"] + a.stats["decode_steps"]
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    run = lambda seed: ar.generate(tiny_model, [[3, 4, 5], [6]], max_new_tokens=20, temperature=1.0,
+                                   stop_token_ids=[], seed=seed).tokens
+    np.testing.assert_array_equal(run(7), run(7))
+    assert not np.array_equal(run(7), run(8))
+
+
+def test_stop_tokens_freeze_rows(tiny_model):
+    free = ar.generate(tiny_model, [[3, 4, 5], [9, 9]], max_new_tokens=12, stop_token_ids=[])
+    stop = int(free.tokens[0, 3])
+    first_hit = int(np.argmax(free.tokens[0] == stop))
+    stopped = ar.generate(tiny_model, [[3, 4, 5], [9, 9]], max_new_tokens=12, stop_token_ids=[stop])
+    assert stopped.lengths[0] == first_hit + 1
+    assert stopped.row(0) == free.row(0)[: first_hit + 1]
+    assert (stopped.tokens[0, first_hit + 1 :] == 0).all()
+    other = free.row(1)
+    expected = other[: other.index(stop) + 1] if stop in other else other
+    assert stopped.row(1) == expected
+
+
+def test_stream_yields_the_generated_text(smollm2):
+    ids = smollm2.tokenizer.encode("def is_even(n):\n")
+    pieces = list(ar.stream(smollm2, ids, max_new_tokens=24, steps_per_chunk=5))
+    full = ar.generate(smollm2, [ids], max_new_tokens=24)
+    assert len(pieces) > 2
+    expected = smollm2.tokenizer.decode([t for t in full.row(0) if t not in smollm2.cfg.eos_token_ids])
+    assert "".join(pieces) == expected
+
+
+def _chi_square_ok(samples: np.ndarray, probs: np.ndarray) -> bool:
+    """Pearson chi-square over the support at the 0.1% level (Wilson-Hilferty critical value)."""
+    n = samples.size
+    counts = np.bincount(samples, minlength=probs.size)
+    support = probs > 0
+    stat = (((counts - n * probs) ** 2)[support] / (n * probs[support])).sum()
+    dof = support.sum() - 1
+    crit = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3
+    return (counts[~support] == 0).all() and stat < crit
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
+                                   dict(temperature=1.0, top_p=0.8), dict(temperature=1.5, min_p=0.1)])
+def test_sampling_distribution(knobs):
+    logits = jnp.asarray(np.random.default_rng(0).normal(0, 1.5, (1, 12)), jnp.float32)
+    params = SamplingParams.create(**knobs)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    samples = np.asarray(jax.vmap(lambda k: choose(logits, k, params))(keys))[:, 0]
+    # expected distribution written out independently of filter_logits
+    z = np.asarray(logits[0], np.float64) / knobs["temperature"]
+    order = np.argsort(-z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.zeros(12, bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        ok = rank < knobs.get("top_k", 99) and (rank == 0 or mass < knobs.get("top_p", 1.0))
+        keep[i] = ok
+        mass += p[i] if ok else 0
+    q = np.where(keep, p, 0)
+    q /= q.sum()
+    keep &= q >= knobs.get("min_p", 0) * q.max()
+    expected = np.where(keep, q, 0)
+    expected /= expected.sum()
+    assert _chi_square_ok(samples, expected)
+    if "top_k" in knobs:
+        assert len(np.unique(samples)) <= knobs["top_k"]
+    assert np.isfinite(np.asarray(filter_logits(logits, params))).sum() == keep.sum()
+
+
+def test_repetition_penalty_matches_hf_rule():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = np.random.default_rng(1).normal(0, 2, (2, 10)).astype(np.float32)
+    context = np.array([[1, 3, 3, 7], [0, 2, 9, 9]])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(context), torch.tensor(logits)).numpy()
+    seen = np.zeros((2, 10), bool)
+    np.put_along_axis(seen, context, True, axis=1)
+    from pdx.decoding.sampling import apply_repetition_penalty
+
+    ours = apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), jnp.float32(1.3))
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[[1, 2, 500]]), "out of range"),
+    (dict(prompts=[[1, -1]]), "out of range"),
+    (dict(prompts=[]), "non-empty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=100, max_len=64), "cache holds 64"),
+    (dict(max_new_tokens=9000), "context of 8192"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(stop_token_ids=list(range(9))), "stop token ids"),
+])
+def test_bad_input_raises_before_compiling(tiny_model, kwargs, match):
+    kwargs = {"prompts": [[1, 2, 3]], **kwargs}
+    before = (compiled.compile_count(ar.prefill), compiled.compile_count(ar.decode))
+    with pytest.raises(InvalidInputError, match=match):
+        ar.generate(tiny_model, kwargs.pop("prompts"), **kwargs)
+    assert (compiled.compile_count(ar.prefill), compiled.compile_count(ar.decode)) == before
