@@ -44,8 +44,10 @@ def default_model_path() -> str:
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
     """Load a GGUF file or an HF checkpoint directory (default: SmolLM2-135M-Instruct).
 
-    dtype: "float32" or "bfloat16" storage for the weights.
+    dtype: "float32" or "bfloat16" storage for the weights. On CPU the layers come unstacked
+    (a list of per-layer dicts, see `transformer.unstack_layers`); elsewhere stacked for `lax.scan`.
     """
+    import jax
     import jax.numpy as jnp
 
     from pdx.io import gguf_file, hf_checkpoint, tokenizer
@@ -63,6 +65,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     else:
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
     params = {k: _to_jax(v, getattr(jnp, dtype)) for k, v in params.items()}
+    if jax.default_backend() == "cpu":  # separate per-layer arrays decode ~2x faster on XLA CPU
+        params = transformer.unstack_layers(params)
     return Model(cfg=cfg, params=params, tokenizer=tok, family=transformer, source=path)
 
 

@@ -163,9 +163,7 @@ def read_params(reader, cfg: Config) -> dict:
     missing += sorted(needed - set(layer_vals))
     if missing:
         raise ModelLoadError(f"GGUF file is missing layer tensors: {missing[:5]}")
-    shapes = {"wq": (L, N, H, D), "wk": (L, K, H, D), "wv": (L, K, H, D), "wo": (L, D, N, H),
-              "bq": (L, N, H), "bk": (L, K, H), "bv": (L, K, H)}
-    params["layers"] = {n: np.stack(v).reshape(shapes.get(n, (L, *v[0].shape))) for n, v in layer_vals.items()}
+    params["layers"] = {n: np.stack(v) for n, v in layer_vals.items()}
     return params
 
 

@@ -121,18 +121,18 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: Config) -> dict:
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
     layer_map = {  # HF name under model.layers.{i}. -> (pdx name, pdx shape per layer)
         "input_layernorm.weight": ("attn_norm", (D,)),
-        "self_attn.q_proj.weight": ("wq", (N, H, D)),
-        "self_attn.k_proj.weight": ("wk", (K, H, D)),
-        "self_attn.v_proj.weight": ("wv", (K, H, D)),
-        "self_attn.o_proj.weight": ("wo", (D, N, H)),
+        "self_attn.q_proj.weight": ("wq", (N * H, D)),
+        "self_attn.k_proj.weight": ("wk", (K * H, D)),
+        "self_attn.v_proj.weight": ("wv", (K * H, D)),
+        "self_attn.o_proj.weight": ("wo", (D, N * H)),
         "post_attention_layernorm.weight": ("mlp_norm", (D,)),
         "mlp.gate_proj.weight": ("w_gate", (F, D)),
         "mlp.up_proj.weight": ("w_up", (F, D)),
         "mlp.down_proj.weight": ("w_down", (D, F)),
     }
     if cfg.attention_bias:
-        layer_map |= {"self_attn.q_proj.bias": ("bq", (N, H)), "self_attn.k_proj.bias": ("bk", (K, H)),
-                      "self_attn.v_proj.bias": ("bv", (K, H))}
+        layer_map |= {"self_attn.q_proj.bias": ("bq", (N * H,)), "self_attn.k_proj.bias": ("bk", (K * H,)),
+                      "self_attn.v_proj.bias": ("bv", (K * H,))}
     if cfg.attention_out_bias:
         layer_map["self_attn.o_proj.bias"] = ("bo", (D,))
 

@@ -8,8 +8,8 @@ Model protocol (see DESIGN.md):
 
 Params (layers stacked on a leading axis L and run with `lax.scan`, weights `[out, in]`):
     embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied)
-    layers: attn_norm [L, D], wq [L, N, H, D], wk/wv [L, K, H, D], wo [L, D, N, H],
-            bq [L, N, H], bk/bv [L, K, H] (attention_bias), bo [L, D] (attention_out_bias),
+    layers: attn_norm [L, D], wq [L, N*H, D], wk/wv [L, K*H, D], wo [L, D, N*H],
+            bq [L, N*H], bk/bv [L, K*H] (attention_bias), bo [L, D] (attention_out_bias),
             mlp_norm [L, D], w_gate/w_up [L, F, D], w_down [L, D, F]
 """
 
@@ -74,10 +74,10 @@ def init_params(cfg: Config, key: jax.Array, dtype=jnp.float32, scale: float = 0
     """Random normal params (std `scale`), norms at one: for tests and training from scratch."""
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    shapes = {"wq": (L, N, H, D), "wk": (L, K, H, D), "wv": (L, K, H, D), "wo": (L, D, N, H),
+    shapes = {"wq": (L, N * H, D), "wk": (L, K * H, D), "wv": (L, K * H, D), "wo": (L, D, N * H),
               "w_gate": (L, F, D), "w_up": (L, F, D), "w_down": (L, D, F)}
     if cfg.attention_bias:
-        shapes |= {"bq": (L, N, H), "bk": (L, K, H), "bv": (L, K, H)}
+        shapes |= {"bq": (L, N * H), "bk": (L, K * H), "bv": (L, K * H)}
     if cfg.attention_out_bias:
         shapes["bo"] = (L, D)
     keys = jax.random.split(key, len(shapes) + 2)
@@ -153,11 +153,15 @@ def hidden_states(
         p, window, cached = xs
         with jax.named_scope("attention"):
             h = nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-            q = nn.dense("btd,nhd->btnh", h, p["wq"])  # [B, T, N, H]
-            k = nn.dense("btd,khd->btkh", h, p["wk"])  # [B, T, K, H]
-            v = nn.dense("btd,khd->btkh", h, p["wv"])
+            # 2-D [out, in] weights: with [N, H, D] weights XLA CPU transposes them every step
+            q = nn.dense("btd,fd->btf", h, p["wq"])  # [B, T, N*H]
+            k = nn.dense("btd,fd->btf", h, p["wk"])  # [B, T, K*H]
+            v = nn.dense("btd,fd->btf", h, p["wv"])
             if cfg.attention_bias:
                 q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
+            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
+            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
+            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
             q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
             segments = [(k, v, nn.visibility(positions, positions, valid, mode, window))]
@@ -165,7 +169,7 @@ def hidden_states(
                 ck, cv = cached  # [B, K, S, H]
                 segments.insert(0, (ck, cv, nn.visibility(positions, slot_pos, slot_valid, mode, window)))
             o = nn.attention(q, segments)  # [B, T, N, H]
-            o = nn.dense("btnh,dnh->btd", o, p["wo"])
+            o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
             h = nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -173,12 +177,42 @@ def hidden_states(
         return x, (k, v)
 
     cached = None if cache is None else (cache.k, cache.v)
-    x, (new_k, new_v) = lax.scan(layer, x, (params["layers"], windows, cached))  # new_k: [L, B, K, T, H]
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):  # unstacked (see `unstack_layers`): unrolled over separate arrays
+        outs = [None] * len(layers)
+        for i, p in enumerate(layers):
+            x, outs[i] = layer(x, (p, windows[i], None if cached is None else (cached[0][i], cached[1][i])))
+        new_k, new_v = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+    else:
+        x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, cached))  # new_k: [L, B, K, T, H]
     x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
         cache = KVCache(_write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths),
                         cache.lengths + valid.sum(-1, dtype=jnp.int32))
     return x, cache
+
+
+def unstack_layers(params: dict) -> dict:
+    """Params with `layers` as a list of per-layer dicts of separate arrays.
+
+    XLA CPU copies each layer's weights out of a stacked array when `lax.scan` slices them (a
+    dynamic-slice fusion per weight per step), tripling the memory traffic of a decode step;
+    separate arrays, run by an unrolled loop, are read in place (3x faster decode measured on
+    SmolLM2). Stacked params (scan, compile time independent of depth) remain the canonical form.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return params | {"layers": [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]}
+
+
+def stack_layers(params: dict) -> dict:
+    """Inverse of `unstack_layers`."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    return params | {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
 
 def lm_head(params: dict, cfg: Config, x: jax.Array) -> jax.Array:
