@@ -10,7 +10,7 @@ import types
 from pdx.errors import InvalidInputError, ModelLoadError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass
@@ -44,8 +44,9 @@ def default_model_path() -> str:
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
     """Load a GGUF file or an HF checkpoint directory (default: SmolLM2-135M-Instruct).
 
-    dtype: "float32" or "bfloat16" storage for the weights. On CPU the layers come unstacked
-    (a list of per-layer dicts, see `transformer.unstack_layers`); elsewhere stacked for `lax.scan`.
+    dtype: weight storage, "float32", "bfloat16" or "int8" (weight-only, per-channel scales).
+    On CPU the layers come unstacked (a list of per-layer dicts, see `transformer.unstack_layers`);
+    elsewhere stacked for `lax.scan`.
     """
     import jax
     import jax.numpy as jnp
@@ -64,7 +65,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
         tok = tokenizer.from_gguf(reader)
     else:
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
-    params = {k: _to_jax(v, getattr(jnp, dtype)) for k, v in params.items()}
+    params = {k: _to_jax(v, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32) for k, v in params.items()}
+    if dtype == "int8":
+        from pdx.models.quant import quantize_params
+
+        params = quantize_params(params)
     if jax.default_backend() == "cpu":  # separate per-layer arrays decode ~2x faster on XLA CPU
         params = transformer.unstack_layers(params)
     return Model(cfg=cfg, params=params, tokenizer=tok, family=transformer, source=path)

@@ -16,10 +16,17 @@ NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead o
 
 
 def dense(eq: str, x: jax.Array, w) -> jax.Array:
-    """`einsum(eq, x, w)` in the activation dtype; `w` may be a quantized weight (see `pdx.models.quant`)."""
+    """`einsum(eq, x, w)` in the activation dtype; `w` may be a `pdx.models.quant.QuantizedWeight`."""
     if hasattr(w, "dequantized_einsum"):
         return w.dequantized_einsum(eq, x)
     return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+
+
+def embed(table, tokens: jax.Array) -> jax.Array:
+    """Rows of the embedding table `[V, D]` for `tokens`; the table may be quantized."""
+    if hasattr(table, "rows"):
+        return table.rows(tokens)
+    return jnp.take(table, tokens, axis=0)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

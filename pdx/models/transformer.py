@@ -140,7 +140,7 @@ def hidden_states(
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
-    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
+    x = nn.embed(params["embed"], tokens)  # [B, T, D]
     cos, sin = nn.rope_tables(positions, nn.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     if valid is None:
         valid = jnp.ones((b, t), bool)

@@ -1,0 +1,56 @@
+"""Weight-only int8 quantization: symmetric, one fp32 scale per output channel.
+
+A `QuantizedWeight` stands in for an `[..., out, in]` weight anywhere `layers.dense` takes one;
+the matmul runs on the dequantized weight and the per-channel scale multiplies its output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedWeight:
+    q: jax.Array  # int8 [..., out, in]
+    scale: jax.Array  # fp32 [..., out]
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
+        """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis."""
+        return jnp.einsum(eq, x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
+
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """Dequantized rows `w[ids]` (embedding lookup), shape `ids.shape + (in,)`, fp32."""
+        return jnp.take(self.q, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)[..., None]
+
+
+def quantize_int8(w: jax.Array) -> QuantizedWeight:
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=-1) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(w / scale[..., None]), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(q=q, scale=scale)
+
+
+# Param names that are matrices (quantized); norms and biases stay fp32.
+MATRICES = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def quantize_params(params: dict) -> dict:
+    """Quantize every weight matrix of a transformer param tree (stacked or unstacked layers)."""
+
+    def visit(tree):
+        if isinstance(tree, dict):
+            return {k: quantize_int8(v) if k in MATRICES else visit(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(visit(v) for v in tree)
+        return tree
+
+    return visit(params)
