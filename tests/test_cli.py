@@ -1,0 +1,66 @@
+"""`pdx` CLI end to end on a tiny GGUF model (its own tokenizer, random weights)."""
+
+import json
+
+import pytest
+
+from pdx import cli
+from pdx.decoding import ar
+from pdx.model import load_model
+from tests.io.gguf_writer import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    return str(write_tiny_llama(tmp_path_factory.mktemp("cli") / "tiny.gguf"))
+
+
+def test_generate_json_matches_library(gguf_path, capsys):
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "ABC", "--prompt", "DE", "--max-new-tokens", "6",
+                     "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["ABC", "DE"]
+    model = load_model(gguf_path)
+    for r in lines:
+        expected = ar.generate(model, [model.tokenizer.encode(r["prompt"])], max_new_tokens=6).row(0)
+        assert r["token_ids"] == expected and r["num_new_tokens"] == len(expected)
+        assert set(r) >= {"text", "forward_passes", "prefill_s", "decode_s", "tokens_per_s"}
+
+
+def test_generate_text_streams(gguf_path, capsys):
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "ABC", "--max-new-tokens", "6",
+                     "--option", "stop_token_ids=[]"]) == 0
+    out = capsys.readouterr().out
+    model = load_model(gguf_path)
+    ids = ar.generate(model, [[0, 1, 2]], max_new_tokens=6, stop_token_ids=[]).row(0)
+    assert out == model.tokenizer.decode(ids) + "\n"
+
+
+def test_prompt_file_jsonl(gguf_path, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "AB"}\n"CD"\n')
+    assert cli.main(["generate", "--model", gguf_path, "--prompt-file", str(f), "--max-new-tokens", "3",
+                     "--format", "json", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert [json.loads(x)["prompt"] for x in capsys.readouterr().out.splitlines()] == ["AB", "CD"]
+
+
+def test_strategies_lists_ar(capsys):
+    assert cli.main(["strategies"]) == 0
+    assert capsys.readouterr().out.startswith("ar ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--strategy", "nope", "--prompt", "x"], "unknown strategy 'nope'"),
+    (["generate", "--prompt-file", "/nonexistent.txt"], "prompt file not found"),
+    (["generate"], "give a prompt"),
+    (["generate", "--prompt", "x", "--option", "novalue"], "key=value"),
+    (["bench", "nothing-here"], "no bench named 'nothing-here'"),
+])
+def test_errors_exit_2_with_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_sampling_option_is_reported(gguf_path, capsys):
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
