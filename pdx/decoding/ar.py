@@ -64,19 +64,24 @@ def _round_up(x: int, m: int) -> int:
 
 
 def make_plan(cfg, prompts: list[list[int]], max_new_tokens: int, prefill_chunk: int,
-              max_len: int | None = None) -> Plan:
-    """Validate the request at the API edge and pick the shape bucket."""
+              max_len: int | None = None, step_tokens: int = 1) -> Plan:
+    """Validate the request at the API edge and pick the shape bucket.
+
+    step_tokens: most tokens one decode step writes past the last one (speculative verify: K+1);
+    the cache keeps that much room beyond the longest prompt + max_new_tokens.
+    """
     check_token_ids(prompts, cfg.vocab_size)
     require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
             f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     require(isinstance(prefill_chunk, int) and prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {prefill_chunk}")
     longest = max(len(p) for p in prompts)
-    needed = longest + max_new_tokens + prefill_chunk
+    needed = longest + max_new_tokens + max(prefill_chunk, step_tokens)
     slots = max_len if max_len is not None else _round_up(needed, SLOT_BUCKET)
     if slots < needed:
         raise InvalidInputError(
             f"the cache holds {slots} positions but the prompt ({longest} tokens) + max_new_tokens "
-            f"({max_new_tokens}) + one prefill chunk ({prefill_chunk}) need {needed}; raise max_len or shorten them")
+            f"({max_new_tokens}) + one prefill chunk or verify step ({max(prefill_chunk, step_tokens)}) need "
+            f"{needed}; raise max_len or shorten them")
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise InvalidInputError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
@@ -91,15 +96,13 @@ def stop_array(stop_token_ids) -> jax.Array:
     return jnp.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan"))
-def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids, key, *, family, cfg, plan: Plan):
-    """Run the prompts through the model chunk by chunk and choose the first new token.
+def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
+    """A fresh cache holding the prompts, and the logits `[B, V]` after each row's last prompt token.
 
-    prompt_buf: [B, S] right-padded prompts; prompt_lens: [B] (0 for batch-padding rows).
+    Runs `prefill_chunk` tokens at a time with a traced trip count (the longest prompt's chunks).
     """
     b, c = plan.batch, plan.prefill_chunk
     cache = family.init_cache(cfg, b, plan.slots, jnp.float32)
-    vocab = cfg.vocab_size
 
     def chunk(i, carry):
         cache, last_logits = carry
@@ -114,7 +117,18 @@ def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids,
         return cache, jnp.where(here[:, None], picked, last_logits)
 
     num_chunks = (jnp.max(prompt_lens) + c - 1) // c
-    cache, logits = lax.fori_loop(0, num_chunks, chunk, (cache, jnp.zeros((b, vocab), jnp.float32)))
+    cache, logits = lax.fori_loop(0, num_chunks, chunk, (cache, jnp.zeros((b, cfg.vocab_size), jnp.float32)))
+    return cache, logits, num_chunks
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan"))
+def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids, key, *, family, cfg, plan: Plan):
+    """Run the prompts through the model chunk by chunk and choose the first new token.
+
+    prompt_buf: [B, S] right-padded prompts; prompt_lens: [B] (0 for batch-padding rows).
+    """
+    b, vocab = plan.batch, cfg.vocab_size
+    cache, logits, num_chunks = prefill_cache(family, params, cfg, plan, prompt_buf, prompt_lens)
     in_prompt = jnp.arange(plan.slots)[None] < prompt_lens[:, None]
     seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_buf].max(in_prompt)
     key, sub = jax.random.split(key)
@@ -151,39 +165,57 @@ def decode(params, state: DecodeState, sampling: SamplingParams, stop_ids, until
     return lax.while_loop(cond, body, state)
 
 
-def _setup(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop_token_ids,
-           seed, prefill_chunk, max_len):
-    plan = make_plan(model.cfg, prompts, max_new_tokens, prefill_chunk, max_len)
-    sampling = SamplingParams.create(temperature, top_k, top_p, min_p, repetition_penalty)
-    stops = model.cfg.eos_token_ids if stop_token_ids is None else stop_token_ids
+OPTIONS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+           "repetition_penalty": 1.0, "stop_token_ids": None, "seed": 0, "prefill_chunk": 64, "max_len": None}
+
+
+@dataclasses.dataclass
+class Request:
+    """A validated generate call: its shape plan and the device inputs."""
+
+    plan: Plan
+    sampling: SamplingParams
+    stop_ids: jax.Array  # [MAX_STOP_IDS]
+    prompt_buf: jax.Array  # [B, S] right-padded prompts
+    prompt_lens: jax.Array  # [B]
+    key: jax.Array
+
+
+def make_request(model, prompts: list[list[int]], options: dict, step_tokens: int = 1) -> Request:
+    """Validate `options` (names and defaults of `OPTIONS`) and the prompts, and lay out the inputs."""
+    unknown = set(options) - set(OPTIONS)
+    require(not unknown, f"unknown options: {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    o = OPTIONS | options
+    plan = make_plan(model.cfg, prompts, o["max_new_tokens"], o["prefill_chunk"], o["max_len"], step_tokens)
+    sampling = SamplingParams.create(o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repetition_penalty"])
+    stops = model.cfg.eos_token_ids if o["stop_token_ids"] is None else o["stop_token_ids"]
     buf = np.zeros((plan.batch, plan.slots), np.int32)
     lens = np.zeros((plan.batch,), np.int32)
     for i, ids in enumerate(prompts):
         buf[i, : len(ids)] = ids
         lens[i] = len(ids)
-    return plan, sampling, stop_array(stops), jnp.asarray(buf), jnp.asarray(lens), jax.random.PRNGKey(seed)
+    return Request(plan, sampling, stop_array(stops), jnp.asarray(buf), jnp.asarray(lens),
+                   jax.random.PRNGKey(o["seed"]))
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             stop_token_ids: list[int] | None = None, seed: int = 0, prefill_chunk: int = 64,
-             max_len: int | None = None) -> GenerationResult:
+def generate(model, prompts: list[list[int]], **options) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
-    Greedy when temperature is 0. Stops a row at any of `stop_token_ids` (default: the model's
-    EOS ids; pass [] to never stop early). Returns tokens `[B, max_new_tokens]`, per-row lengths
-    and stats: forward_passes, prefill_s, decode_s (compile time excluded after the first call
-    of a shape bucket and reported as `compile_s`), tokens_per_s (decode only).
+    Options (defaults in `OPTIONS`): max_new_tokens=128, temperature=0 (greedy), top_k=0, top_p=1,
+    min_p=0, repetition_penalty=1, stop_token_ids=None (the model's EOS ids; [] never stops early),
+    seed=0, prefill_chunk=64, max_len=None (cache slots; default from the bucket rule). Returns
+    tokens `[B, max_new_tokens]`, per-row lengths and stats: forward_passes, prefill_s, decode_s
+    (compile time excluded, reported as `compile_s`), tokens_per_s (decode only).
     """
-    plan, sampling, stops, buf, lens, key = _setup(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                                                    repetition_penalty, stop_token_ids, seed, prefill_chunk, max_len)
+    req = make_request(model, prompts, options)
+    plan = req.plan
     statics = {"family": model.family, "cfg": model.cfg}
     t0 = time.perf_counter()
-    (state, chunks), compile_prefill = compiled.run(prefill, statics | {"plan": plan}, model.params, buf, lens,
-                                                    sampling, stops, key)
+    (state, chunks), compile_prefill = compiled.run(prefill, statics | {"plan": plan}, model.params, req.prompt_buf,
+                                                    req.prompt_lens, req.sampling, req.stop_ids, req.key)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    state, compile_decode = compiled.run(decode, statics, model.params, state, sampling, stops,
+    state, compile_decode = compiled.run(decode, statics, model.params, state, req.sampling, req.stop_ids,
                                          jnp.int32(plan.max_new_tokens))
     out, num_new, steps = jax.device_get((state.out, state.num_new, state.step))
     t2 = time.perf_counter()
@@ -206,22 +238,17 @@ def stream(model, prompt: list[int], *, steps_per_chunk: int = 8, **options) -> 
     """
     require(steps_per_chunk >= 1, f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
     require(model.tokenizer is not None, "streaming text needs a model with a tokenizer")
-    opts = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-            "repetition_penalty": 1.0, "stop_token_ids": None, "seed": 0, "prefill_chunk": 64, "max_len": None}
-    unknown = set(options) - set(opts)
-    require(not unknown, f"unknown options for stream: {sorted(unknown)}")
-    opts |= options
-    plan, sampling, stops, buf, lens, key = _setup(model, [prompt], opts["max_new_tokens"], opts["temperature"],
-                                                    opts["top_k"], opts["top_p"], opts["min_p"],
-                                                    opts["repetition_penalty"], opts["stop_token_ids"], opts["seed"],
-                                                    opts["prefill_chunk"], opts["max_len"])
+    req = make_request(model, [prompt], options)
+    plan, sampling, stops = req.plan, req.sampling, req.stop_ids
     statics = {"family": model.family, "cfg": model.cfg}
-    (state, _), _ = compiled.run(prefill, statics | {"plan": plan}, model.params, buf, lens, sampling, stops, key)
-    emitted, text = 0, ""
+    (state, _), _ = compiled.run(prefill, statics | {"plan": plan}, model.params, req.prompt_buf, req.prompt_lens,
+                                 sampling, stops, req.key)
+    stop_set = {int(s) for s in stops if s >= 0}
+    text = ""
     while True:
         n_done = int(state.num_new[0])
         ids = np.asarray(state.out[0, :n_done]).tolist()
-        if ids and ids[-1] in set(int(s) for s in stops if s >= 0):
+        if ids and ids[-1] in stop_set:
             ids = ids[:-1]  # do not print the stop token
         full = model.tokenizer.decode(ids)
         if not full.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
@@ -229,6 +256,5 @@ def stream(model, prompt: list[int], *, steps_per_chunk: int = 8, **options) -> 
             text = full
         if bool(state.done[0]) or n_done >= plan.max_new_tokens:
             break
-        emitted = n_done
         state, _ = compiled.run(decode, statics, model.params, state, sampling, stops,
-                                jnp.int32(emitted + steps_per_chunk))
+                                jnp.int32(n_done + steps_per_chunk))
