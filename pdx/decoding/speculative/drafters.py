@@ -1,0 +1,139 @@
+"""Drafters: each proposes up to K tokens per step behind one interface.
+
+A drafter is a frozen (hashable, static under jit) dataclass with
+    arrays(model)                          -> pytree of traced inputs (e.g. draft params)
+    init(arrays, plan, prompt_buf, lens)   -> drafter state (inside the jitted prefill)
+    propose(arrays, state, hist, pos, k, sampling, key)
+        -> drafts [B, K], n_draft [B], probs [B, K, V] | None, state
+`hist [B, S]` holds every row's tokens by position; `pos [B]` is the position of the newest
+token (not yet in the target cache); `k [B]` the current draft budget (adaptive length).
+`probs` are the proposal distributions for lossless sampling; None means the drafts are
+deterministic (one-hot proposals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pdx.decoding.ar import Plan, prefill_cache
+from pdx.decoding.sampling import SamplingParams, filter_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Prompt lookup decoding (PLD): copy what followed the latest earlier occurrence of the last n-gram.
+
+    Tries n = max_ngram .. min_ngram over prompt and generated text; no model, no state.
+    """
+
+    k: int
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def arrays(self, model):
+        return ()
+
+    def init(self, arrays, plan: Plan, prompt_buf, prompt_lens):
+        return ()
+
+    def propose(self, arrays, state, hist, pos, k, sampling, key):
+        b, s = hist.shape
+        idx = jnp.arange(s)
+        best_j = jnp.full((b,), -1, jnp.int32)
+        best_n = jnp.zeros((b,), jnp.int32)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            match = jnp.ones((b, s), bool)
+            for t in range(n):  # hist[j + t] == hist[pos - n + 1 + t]
+                key_t = jnp.take_along_axis(hist, jnp.clip(pos - n + 1 + t, 0, s - 1)[:, None], axis=1)
+                match &= jnp.roll(hist, -t, axis=1) == key_t
+            ok = match & (idx[None] <= (pos - n)[:, None]) & (pos >= n - 1)[:, None]  # earlier, complete match
+            j = jnp.max(jnp.where(ok, idx[None], -1), axis=1)
+            take = (best_j < 0) & (j >= 0)
+            best_j, best_n = jnp.where(take, j, best_j), jnp.where(take, n, best_n)
+        start = best_j + best_n  # position of the first copied token
+        drafts = jnp.take_along_axis(hist, jnp.clip(start[:, None] + jnp.arange(self.k), 0, s - 1), axis=1)
+        available = jnp.where(best_j >= 0, jnp.clip(pos - start + 1, 0, self.k), 0)
+        return drafts, jnp.minimum(available, k), None, state
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """A second model sharing the target's vocabulary drafts K tokens autoregressively with its own cache.
+
+    Also serves layer-skip self-speculation: `layer_skip(model, skip)` builds one from the target.
+    """
+
+    family: types.ModuleType
+    cfg: object
+    k: int
+    params: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def arrays(self, model):
+        return self.params
+
+    def init(self, params, plan: Plan, prompt_buf, prompt_lens):
+        cache, _, _ = prefill_cache(self.family, params, self.cfg, plan, prompt_buf, prompt_lens)
+        return cache
+
+    def _step(self, params, cache, tokens, positions, valid):
+        return self.family.forward(params, self.cfg, tokens, positions, cache, valid=valid)
+
+    def propose(self, params, cache, hist, pos, k, sampling: SamplingParams, key):
+        b, s = hist.shape
+        # Catch up on what the target accepted since the last call: positions [valid length, pos].
+        start = jnp.minimum(cache.lengths, pos)
+        count = pos - start + 1  # 1 (after a rejection) or 2 (after full acceptance)
+        offsets = jnp.arange(2)
+        tokens = jnp.take_along_axis(hist, jnp.clip(start[:, None] + offsets, 0, s - 1), axis=1)
+        cache = dataclasses.replace(cache, lengths=start)
+        logits, cache = self._step(params, cache, tokens, start[:, None] + offsets, offsets < count[:, None])
+        logits = jnp.take_along_axis(logits, (count - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+
+        def pick(logits, key):
+            def sample():
+                probs = jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+                return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32), probs
+
+            def greedy():
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros_like(logits)
+
+            return lax.cond(sampling.temperature > 0, sample, greedy)
+
+        def body(carry, i):
+            cache, logits, key = carry
+            key, sub = jax.random.split(key)
+            tok, probs = pick(logits, sub)
+            logits, cache = self._step(params, cache, tok[:, None], (pos + 1 + i)[:, None], jnp.ones((b, 1), bool))
+            return (cache, logits[:, 0], key), (tok, probs)
+
+        (cache, logits, key), (toks, probs) = lax.scan(body, (cache, logits, key), jnp.arange(self.k - 1))
+        last_tok, last_probs = pick(logits, key)
+        drafts = jnp.concatenate([toks.T, last_tok[:, None]], axis=1)  # [B, K]
+        probs = jnp.concatenate([probs.transpose(1, 0, 2), last_probs[:, None]], axis=1)  # [B, K, V]
+        return drafts, k, probs, cache
+
+
+def draft_model(model, draft, k: int) -> DraftModel:
+    """Drafter from a second loaded `pdx.Model` (same vocabulary as the target)."""
+    return DraftModel(family=draft.family, cfg=draft.cfg, k=k, params=draft.params)
+
+
+def layer_skip(model, skip: list[int] | tuple[int, ...], k: int) -> DraftModel:
+    """Self-speculative drafter: the target itself with the layers in `skip` left out.
+
+    Uses the target's own weights (no copy); the draft keeps its own, smaller KV cache.
+    """
+    from pdx.models import transformer
+
+    kept = [i for i in range(model.cfg.num_layers) if i not in set(skip)]
+    params = transformer.unstack_layers(model.params)
+    params = params | {"layers": [params["layers"][i] for i in kept]}
+    cfg = dataclasses.replace(model.cfg, num_layers=len(kept),
+                              layer_windows=tuple(model.cfg.windows[i] for i in kept) if model.cfg.layer_windows
+                              else None)
+    return DraftModel(family=model.family, cfg=cfg, k=k, params=params)

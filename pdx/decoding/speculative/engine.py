@@ -1,0 +1,164 @@
+"""The draft/verify loop: one jitted `lax.while_loop`, per-row acceptance, KV rollback by length.
+
+Each iteration: the drafter proposes up to K tokens; the target scores (last, d_1..d_K) in one
+forward pass over K+1 positions; the longest acceptable prefix d_1..d_n is kept, followed by
+the target's own next token (correction or bonus), so every pass emits n+1 tokens. The target
+cache then keeps exactly last, d_1..d_n (its `lengths` is set back). Greedy verification is
+exact match, so the output is token-identical to the AR engine; sampling uses lossless
+rejection sampling. K is static; the per-row draft budget k (adaptive length) is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pdx.decoding import ar, compiled
+from pdx.decoding.result import GenerationResult
+from pdx.decoding.sampling import SamplingParams
+from pdx.decoding.speculative.verify import verify_greedy, verify_sampling
+from pdx.errors import require
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    cache: object  # target cache; lengths[b] == pos[b] (the newest token is not in it yet)
+    hist: jax.Array  # [B, S] tokens by position: prompt, then generated
+    pos: jax.Array  # [B] position of the newest token
+    out: jax.Array  # [B, N + K + 1] generated tokens (room for one step past N)
+    num_new: jax.Array  # [B]
+    done: jax.Array  # [B]
+    k: jax.Array  # [B] current draft budget, 1..K
+    drafter: object  # drafter state
+    key: jax.Array
+    passes: jax.Array  # [] target verify passes
+    row_passes: jax.Array  # [B] verify passes while the row was active
+    drafted: jax.Array  # [B] tokens proposed
+    accepted: jax.Array  # [B] tokens accepted
+    accepted_at: jax.Array  # [K] acceptances at each draft position (summed over rows)
+    proposed_at: jax.Array  # [K] proposals at each draft position
+
+
+def _write_at(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Per-row `buf[b, starts[b]:starts[b] + T] = new[b]` for `buf [B, X]`, `new [B, T]`."""
+    return jax.vmap(lambda r, n, s: lax.dynamic_update_slice(r, n, (s,)))(buf, new, starts)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan", "drafter"))
+def spec_prefill(params, draft_arrays, prompt_buf, prompt_lens, sampling, stop_ids, key, k0, *, family, cfg,
+                 plan: ar.Plan, drafter):
+    state, chunks = ar.prefill(params, prompt_buf, prompt_lens, sampling, stop_ids, key, family=family, cfg=cfg,
+                               plan=plan)
+    b, kmax = plan.batch, drafter.k
+    first = state.next_token
+    hist = _write_at(prompt_buf, first[:, None], prompt_lens)
+    out = jnp.zeros((b, plan.max_new_tokens + kmax + 1), jnp.int32).at[:, 0].set(state.out[:, 0])
+    spec = SpecState(
+        cache=state.cache, hist=hist, pos=prompt_lens, out=out, num_new=state.num_new, done=state.done,
+        k=jnp.full((b,), k0, jnp.int32), drafter=drafter.init(draft_arrays, plan, prompt_buf, prompt_lens),
+        key=state.key, passes=jnp.zeros((), jnp.int32), row_passes=jnp.zeros((b,), jnp.int32),
+        drafted=jnp.zeros((b,), jnp.int32),
+        accepted=jnp.zeros((b,), jnp.int32), accepted_at=jnp.zeros((kmax,), jnp.int32),
+        proposed_at=jnp.zeros((kmax,), jnp.int32))
+    return spec, chunks
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
+def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams, stop_ids, *, family, cfg, drafter,
+                adaptive: bool):
+    kmax = drafter.k
+    n_max = state.out.shape[1] - kmax - 1
+    steps = jnp.arange(kmax + 1)
+
+    def body(s: SpecState) -> SpecState:
+        key, k_draft, k_verify = jax.random.split(s.key, 3)
+        drafts, n_draft, probs, dstate = drafter.propose(draft_arrays, s.drafter, s.hist, s.pos, s.k, sampling,
+                                                         k_draft)
+        n_draft = jnp.where(s.done, 0, jnp.minimum(n_draft, s.k))
+        last = jnp.take_along_axis(s.hist, s.pos[:, None], axis=1)  # [B, 1]
+        tokens = jnp.concatenate([last, drafts], axis=1)  # [B, K+1]
+        positions = s.pos[:, None] + steps
+        valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
+        logits, cache = family.forward(params, cfg, tokens, positions, s.cache, valid=valid)  # [B, K+1, V]
+        if probs is None:
+            probs = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
+        n, nxt = lax.cond(sampling.temperature > 0,
+                          lambda: verify_sampling(logits, drafts, n_draft, probs, sampling, k_verify),
+                          lambda: verify_greedy(logits, drafts, n_draft))
+        emitted = jnp.where(steps < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1), 0)
+        emitted = jnp.where(steps == n[:, None], nxt[:, None], emitted)  # [B, K+1]: d_1..d_n, next
+        is_stop = jnp.isin(emitted, stop_ids) & (steps <= n[:, None])
+        first_stop = jnp.argmax(is_stop, axis=1)
+        count = jnp.where(is_stop.any(axis=1), first_stop + 1, n + 1)
+        count = jnp.where(s.done, 0, jnp.minimum(count, n_max - s.num_new))
+        out = _write_at(s.out, emitted, s.num_new)
+        hist = _write_at(s.hist, emitted, s.pos + 1)
+        num_new = s.num_new + count
+        done = s.done | is_stop.any(axis=1) | (num_new >= n_max)
+        active = ~s.done
+        cache = dataclasses.replace(cache, lengths=jnp.where(active, s.pos + 1 + n, s.pos))
+        k = s.k
+        if adaptive:  # grow on full acceptance, shrink on a rejection
+            k = jnp.where(n >= n_draft, jnp.minimum(k + 1, kmax), jnp.maximum(k - 1, 1))
+            k = jnp.where(active, k, s.k)
+        positions_k = jnp.arange(kmax)
+        return SpecState(
+            cache=cache, hist=hist, pos=jnp.where(active, s.pos + 1 + n, s.pos), out=out, num_new=num_new,
+            done=done, k=k, drafter=dstate, key=key, passes=s.passes + 1, row_passes=s.row_passes + active,
+            drafted=s.drafted + n_draft, accepted=s.accepted + jnp.where(active, n, 0),
+            accepted_at=s.accepted_at + jnp.sum((positions_k < n[:, None]) & active[:, None], axis=0),
+            proposed_at=s.proposed_at + jnp.sum(positions_k < n_draft[:, None], axis=0))
+
+    return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False, k_init: int | None = None,
+             **options) -> GenerationResult:
+    """Speculative generation with `drafter` (see `drafters.py`); options as `pdx.decoding.ar.generate`.
+
+    adaptive: grow the per-row draft budget on full acceptance and shrink it on a rejection
+    (within the drafter's static K; changing it never recompiles). k_init: the starting budget.
+    """
+    kmax = drafter.k
+    require(isinstance(kmax, int) and kmax >= 1, f"draft length K must be an int >= 1, got {kmax!r}")
+    k0 = kmax if k_init is None else k_init
+    require(1 <= k0 <= kmax, f"k_init must be in [1, K={kmax}], got {k0}")
+    require(options.get("repetition_penalty", 1.0) == 1.0, "speculative decoding does not support repetition_penalty")
+    draft_cfg = getattr(drafter, "cfg", None)
+    if draft_cfg is not None:
+        require(draft_cfg.vocab_size == model.cfg.vocab_size,
+                f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs from the target's "
+                f"({model.cfg.vocab_size}); speculative decoding needs a shared vocabulary")
+    req = ar.make_request(model, prompts, options, step_tokens=kmax + 2)
+    statics = {"family": model.family, "cfg": model.cfg, "drafter": drafter}
+    arrays = drafter.arrays(model)
+    t0 = time.perf_counter()
+    (state, chunks), c1 = compiled.run(spec_prefill, statics | {"plan": req.plan}, model.params, arrays,
+                                       req.prompt_buf, req.prompt_lens, req.sampling, req.stop_ids, req.key,
+                                       jnp.int32(k0))
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state, c2 = compiled.run(spec_decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
+                             req.stop_ids)
+    s = jax.device_get(state)
+    t2 = time.perf_counter()
+    n, n_max = len(prompts), req.plan.max_new_tokens
+    lengths = s.num_new[:n]
+    tokens = np.where(np.arange(n_max)[None] < lengths[:, None], s.out[:n, :n_max], 0)
+    decode_s = t2 - t1 - c2
+    new_tokens = int(lengths.sum())
+    stats = {"forward_passes": int(chunks) + int(s.passes), "target_passes": int(s.passes),
+             "prefill_s": t1 - t0 - c1, "decode_s": decode_s, "compile_s": c1 + c2, "new_tokens": new_tokens,
+             "drafted": int(s.drafted[:n].sum()), "accepted": int(s.accepted[:n].sum()),
+             "accepted_per_pass": float(s.accepted[:n].sum() / max(int(s.row_passes[:n].sum()), 1)),
+             "tokens_per_pass": float((new_tokens - n) / max(int(s.row_passes[:n].sum()), 1)),
+             "acceptance_by_position": [float(a / p) if p else 0.0 for a, p in zip(s.accepted_at, s.proposed_at)],
+             "tokens_per_s": (new_tokens - n) / decode_s if decode_s > 0 else 0.0, "batch_bucket": req.plan.batch}
+    return GenerationResult(tokens=tokens, lengths=lengths, stats=stats)
