@@ -1,0 +1,139 @@
+"""Speculative decoding: identical greedy output to the AR engine, lossless sampling, stats, errors."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdx.decoding import ar, compiled
+from pdx.decoding.speculative import drafters, engine
+from pdx.errors import InvalidInputError
+from pdx.model import Model
+from pdx.models import transformer as tf
+from tests.decoding.test_ar import HUMANEVAL, _chi_square_ok
+
+
+def tiny(vocab=128, seed=0, layers=3, scale=0.3):
+    cfg = dataclasses.replace(tf.SMOLLM2_135M, vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                              num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_ids=(2,))
+    return Model(cfg=cfg, params=tf.init_params(cfg, jax.random.PRNGKey(seed), scale=scale), tokenizer=None, family=tf)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny()
+
+
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11], [3, 4, 3, 4, 3, 4, 3, 4, 9]]
+
+
+@pytest.mark.parametrize("make", ["pld", "self", "random", "layer_skip"])
+def test_greedy_identical_to_ar_tiny(target, make):
+    k = 4
+    drafter = {"pld": lambda: drafters.PromptLookup(k=k),
+               "self": lambda: drafters.draft_model(target, target, k),
+               "random": lambda: drafters.draft_model(target, tiny(seed=7, layers=1), k),
+               "layer_skip": lambda: drafters.layer_skip(target, [1], k)}[make]()
+    ref = ar.generate(target, PROMPTS, max_new_tokens=40, stop_token_ids=[])
+    out = engine.generate(target, PROMPTS, drafter=drafter, max_new_tokens=40, stop_token_ids=[])
+    for i in range(len(PROMPTS)):
+        assert out.row(i) == ref.row(i), i
+    if make == "self":
+        assert out.stats["accepted"] == out.stats["drafted"] > 0  # the target drafting for itself: all accepted
+        assert out.stats["acceptance_by_position"] == [1.0] * k
+
+
+def test_greedy_identical_to_ar_smollm2_pld(smollm2, humaneval):
+    prompts = [smollm2.tokenizer.encode(humaneval[t]["prompt"]) for t in HUMANEVAL[:2]]
+    ref = ar.generate(smollm2, prompts, max_new_tokens=64)
+    out = engine.generate(smollm2, prompts, drafter=drafters.PromptLookup(k=4), max_new_tokens=64)
+    assert [out.row(i) for i in range(2)] == [ref.row(i) for i in range(2)]
+    assert out.stats["target_passes"] < 64  # some drafts were accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", ["pld", "layer_skip"])
+def test_greedy_identical_to_ar_smollm2_8_prompts(smollm2, humaneval, make):
+    prompts = [smollm2.tokenizer.encode(humaneval[t]["prompt"]) for t in HUMANEVAL]
+    drafter = drafters.PromptLookup(k=4) if make == "pld" else drafters.layer_skip(smollm2, list(range(8, 30, 2)), 4)
+    for batch in ([prompts[i]] for i in range(8)), [prompts[:4], prompts[4:]]:
+        for group in batch:
+            ref = ar.generate(smollm2, group, max_new_tokens=128)
+            out = engine.generate(smollm2, group, drafter=drafter, max_new_tokens=128)
+            assert [out.row(i) for i in range(len(group))] == [ref.row(i) for i in range(len(group))]
+
+
+def test_stop_tokens_and_lengths_match_ar(target):
+    free = ar.generate(target, PROMPTS, max_new_tokens=30, stop_token_ids=[])
+    stop = int(free.tokens[1, 5])
+    ref = ar.generate(target, PROMPTS, max_new_tokens=30, stop_token_ids=[stop])
+    out = engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=3), max_new_tokens=30,
+                          stop_token_ids=[stop])
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
+def test_adaptive_k_and_runtime_k_do_not_recompile(target):
+    drafter = drafters.PromptLookup(k=5)
+    engine.generate(target, PROMPTS, drafter=drafter, max_new_tokens=20, adaptive=True)
+    before = compiled.compile_count(engine.spec_decode), compiled.compile_count(engine.spec_prefill)
+    ref = ar.generate(target, [PROMPTS[2]], max_new_tokens=20)
+    for k_init in (1, 3, 5):
+        out = engine.generate(target, [PROMPTS[2], [7, 7, 1]], drafter=drafter, max_new_tokens=20, adaptive=True,
+                              k_init=k_init, seed=k_init)
+        assert out.row(0) == ref.row(0)
+    # batch bucket 2 was compiled above for ar only; spec compiled once for bucket 4 before
+    after = compiled.compile_count(engine.spec_decode), compiled.compile_count(engine.spec_prefill)
+    assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1
+
+
+def _exact_joint(model, prompt, temperature, top_k, steps=3):
+    """Exact target distribution of the first `steps` sampled tokens, by enumeration."""
+    from pdx.decoding.sampling import SamplingParams, filter_logits
+
+    sp = SamplingParams.create(temperature=temperature, top_k=top_k)
+    v = model.cfg.vocab_size
+    seqs = np.array(list(itertools.product(range(v), repeat=steps)))  # [V^steps, steps]
+    full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(full.shape[1]), full.shape)
+    logits, _ = tf.forward(model.params, model.cfg, jnp.asarray(full), pos)
+    logp = jax.nn.log_softmax(filter_logits(logits[:, len(prompt) - 1 : -1].reshape(-1, v), sp), -1)
+    logp = np.asarray(logp).reshape(len(seqs), steps, v)
+    lp = np.take_along_axis(logp, seqs[:, :, None], axis=2)[..., 0].sum(1)
+    return np.exp(lp), seqs
+
+
+@pytest.mark.parametrize("kind, knobs", [
+    ("draft", dict(temperature=1.0, top_k=0)),
+    pytest.param("pld", dict(temperature=1.0, top_k=0), marks=pytest.mark.slow),
+    pytest.param("draft", dict(temperature=0.8, top_k=3), marks=pytest.mark.slow),
+])
+def test_speculative_sampling_is_lossless(kind, knobs):
+    """Chi-square: the joint law of the first 3 sampled tokens equals the target's (vocab 5, 2048 rows)."""
+    model = tiny(vocab=5, scale=0.8)
+    prompt = [1, 2, 3, 1, 2]
+    drafter = drafters.PromptLookup(k=2, max_ngram=2) if kind == "pld" else \
+        drafters.draft_model(model, tiny(vocab=5, seed=3, layers=1, scale=0.8), 2)
+    out = engine.generate(model, [prompt] * 2048, drafter=drafter, max_new_tokens=3, stop_token_ids=[],
+                          seed=11, **knobs)
+    assert out.stats["drafted"] > 0 and 0 < out.stats["accepted"] < out.stats["drafted"]
+    probs, seqs = _exact_joint(model, prompt, knobs["temperature"], knobs["top_k"])
+    index = {tuple(s): i for i, s in enumerate(seqs)}
+    samples = np.array([index[tuple(r)] for r in out.tokens])
+    assert _chi_square_ok(samples, probs / probs.sum())
+
+
+def test_bad_input(target):
+    with pytest.raises(InvalidInputError, match="K must be an int >= 1"):
+        engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=0))
+    with pytest.raises(InvalidInputError, match="vocabulary"):
+        engine.generate(target, PROMPTS, drafter=drafters.draft_model(target, tiny(vocab=64), 3))
+    with pytest.raises(InvalidInputError, match="cache holds"):
+        engine.generate(target, [[1] * 40], drafter=drafters.PromptLookup(k=8), max_new_tokens=10, max_len=64)
+    with pytest.raises(InvalidInputError, match="k_init"):
+        engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), k_init=3)
+    with pytest.raises(InvalidInputError, match="repetition_penalty"):
+        engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), repetition_penalty=1.2)
