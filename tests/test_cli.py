@@ -64,3 +64,19 @@ def test_errors_exit_2_with_message(argv, message, capsys):
 def test_bad_sampling_option_is_reported(gguf_path, capsys):
     assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["spec-pld", "spec-layerskip"])
+def test_speculative_strategies_match_ar(gguf_path, strategy, capsys):
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "ABCABCAB", "--max-new-tokens", "8",
+                     "--format", "json", "--strategy", strategy, "--option", "k=3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "ABCABCAB", "--max-new-tokens", "8",
+                     "--format", "json"]) == 0
+    assert spec["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    assert spec["strategy"] == strategy
+
+
+def test_spec_draft_needs_a_draft(gguf_path, capsys):
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", "spec-draft"]) == 2
+    assert "--option draft=PATH" in capsys.readouterr().err

@@ -14,6 +14,12 @@ from pdx.errors import InvalidInputError
 # name -> ("module:function", one-line description)
 STRATEGIES: dict[str, tuple[str, str]] = {
     "ar": ("pdx.decoding.ar:generate", "autoregressive: greedy or temperature/top-k/top-p/min-p sampling"),
+    "spec-pld": ("pdx.decoding.speculative.strategies:spec_pld",
+                 "speculative, prompt-lookup drafts (options: k, max_ngram, adaptive)"),
+    "spec-draft": ("pdx.decoding.speculative.strategies:spec_draft",
+                   "speculative, a second model drafts (options: draft=PATH, k, adaptive)"),
+    "spec-layerskip": ("pdx.decoding.speculative.strategies:spec_layerskip",
+                       "speculative, the target minus some layers drafts (options: skip=[...], k, adaptive)"),
 }
 
 
