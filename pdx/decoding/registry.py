@@ -19,7 +19,8 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "spec-draft": ("pdx.decoding.speculative.strategies:spec_draft",
                    "speculative, a second model drafts (options: draft=PATH, k, adaptive)"),
     "spec-layerskip": ("pdx.decoding.speculative.strategies:spec_layerskip",
-                       "speculative, the target minus some layers drafts (options: skip=[...], k, adaptive)"),
+                       "speculative, the target minus some layers drafts "
+                       "(options: skip=[...]|auto, num_skip, k, adaptive)"),
 }
 
 

@@ -137,3 +137,23 @@ def test_bad_input(target):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), k_init=3)
     with pytest.raises(InvalidInputError, match="repetition_penalty"):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), repetition_penalty=1.2)
+
+
+def test_layer_skip_calibration_picks_the_best_single_layer(target):
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 3, 4, 12]]
+    chosen = drafters.calibrate_layer_skip(target, prompts, 1)
+    full = [np.asarray(tf.forward(target.params, target.cfg, jnp.asarray([p]), jnp.arange(len(p))[None])[0][0])
+            .argmax(-1) for p in prompts]
+
+    def agreement(i):
+        d = drafters.layer_skip(target, [i], 1)
+        outs = [np.asarray(tf.forward(d.params, d.cfg, jnp.asarray([p]), jnp.arange(len(p))[None])[0][0]).argmax(-1)
+                for p in prompts]
+        return np.mean(np.concatenate([o == f for o, f in zip(outs, full)]))
+
+    scores = [agreement(i) for i in range(target.cfg.num_layers)]
+    assert scores[chosen[0]] == max(scores)
+    two = drafters.calibrate_layer_skip(target, prompts, 2)
+    assert len(set(two)) == 2 and chosen[0] in two
+    with pytest.raises(InvalidInputError, match="num_skip"):
+        drafters.calibrate_layer_skip(target, prompts, 3)

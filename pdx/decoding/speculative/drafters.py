@@ -137,3 +137,37 @@ def layer_skip(model, skip: list[int] | tuple[int, ...], k: int) -> DraftModel:
                               layer_windows=tuple(model.cfg.windows[i] for i in kept) if model.cfg.layer_windows
                               else None)
     return DraftModel(family=model.family, cfg=cfg, k=k, params=params)
+
+
+def calibrate_layer_skip(model, prompts: list[list[int]], num_skip: int) -> list[int]:
+    """Choose `num_skip` layers to skip for self-speculation (Draft&Verify-style search, greedy).
+
+    Repeatedly drops the layer whose removal keeps the highest agreement between the reduced
+    model's next-token argmax and the full model's, teacher-forced over every position of the
+    sample `prompts`. Returns the skipped layer indices, sorted.
+    """
+    import numpy as np
+
+    from pdx.errors import InvalidInputError
+
+    n = model.cfg.num_layers
+    if not (isinstance(num_skip, int) and 0 <= num_skip < n):
+        raise InvalidInputError(f"num_skip must be an int in [0, {n}), got {num_skip!r}")
+    width = max(len(p) for p in prompts)
+    tokens = jnp.asarray([p + [0] * (width - len(p)) for p in prompts])
+    valid = jnp.arange(width)[None] < jnp.asarray([len(p) for p in prompts])[:, None]
+    positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
+    forward = jax.jit(lambda params, cfg: jnp.argmax(model.family.forward(params, cfg, tokens, positions)[0], -1),
+                      static_argnums=1)
+    reference = np.asarray(forward(model.params, model.cfg))
+    mask = np.asarray(valid)
+
+    def agreement(skip):
+        draft = layer_skip(model, skip, 1)
+        return float((np.asarray(forward(draft.params, draft.cfg)) == reference)[mask].mean())
+
+    skipped: list[int] = []
+    for _ in range(num_skip):
+        scores = {i: agreement(skipped + [i]) for i in range(n) if i not in skipped}
+        skipped.append(max(scores, key=lambda i: (scores[i], -i)))
+    return sorted(skipped)

@@ -29,12 +29,17 @@ def spec_draft(model, prompts, *, draft=None, k: int = 4, adaptive: bool = False
                            **options)
 
 
-def spec_layerskip(model, prompts, *, skip=None, k: int = 4, adaptive: bool = False, **options):
+def spec_layerskip(model, prompts, *, skip=None, num_skip: int | None = None, k: int = 4, adaptive: bool = False,
+                   **options):
     """Self-speculation: the target with the layers in `skip` left out drafts for itself.
 
-    Default `skip`: every other layer of the upper three quarters (a fixed heuristic).
+    skip: a list of layer indices; "auto" searches `num_skip` layers (default a third) on the
+    prompts themselves with `calibrate_layer_skip`; default every other layer of the upper three
+    quarters (a fixed heuristic).
     """
     n = model.cfg.num_layers
+    if skip == "auto":
+        skip = drafters.calibrate_layer_skip(model, prompts, n // 3 if num_skip is None else num_skip)
     skip = list(range(n // 4, n, 2)) if skip is None else skip
     if not isinstance(skip, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < n for i in skip):
         raise InvalidInputError(f"skip must be a list of layer indices in [0, {n}), got {skip!r}")
