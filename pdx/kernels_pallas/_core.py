@@ -80,7 +80,11 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
 
 
 def check_blocks(block_q: int, block_k: int, interpret: bool) -> None:
-    """Block sizes: multiples of 8 (sublanes); compiled on TPU the key block is a multiple of 128 (lanes)."""
+    """Block sizes: multiples of 8 (sublanes); compiled on TPU the key block is a multiple of 128 (lanes).
+    Compiled kernels need a TPU: the grid-with-scratch kernel has no Triton (GPU) or CPU lowering."""
+    backend = jax.default_backend()
+    require(interpret or backend == "tpu",
+            f"compiled Pallas attention needs a TPU backend, this is {backend!r}: pass interpret=True or use dispatch")
     require(block_q > 0 and block_q % 8 == 0, f"block_q must be a positive multiple of 8, got {block_q}")
     require(block_k > 0 and block_k % 8 == 0, f"block_k must be a positive multiple of 8, got {block_k}")
     if not interpret:
