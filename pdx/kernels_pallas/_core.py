@@ -37,7 +37,8 @@ def set_impl(impl: str) -> None:
 
 @contextlib.contextmanager
 def use_impl(impl: str):
-    """Context manager form of `set_impl`. The switch is read at trace time: jit a function inside it."""
+    """Context manager form of `set_impl`. The switch is read at trace time: functions traced before
+    (cached by `jax.jit`) keep the path they were traced with, so trace a fresh function inside it."""
     previous = _impl[0]
     set_impl(impl)
     try:

@@ -21,6 +21,8 @@ from tests.kernels_pallas.helpers import ATOL, assert_close, qkv
 F32, BF16 = jnp.float32, jnp.bfloat16
 BC16, BC8 = MaskMode("block_causal", 16), MaskMode("block_causal", 8)
 
+SLOW = pytest.mark.slow  # interpret mode compiles each shape for ~3-10 s: the rest run with -m slow
+
 # name: (B, T, S, N, K, H, dtype, mode, window, sinks, key lengths per row, first query position, block_q, block_k)
 CASES = {
     "causal-mha-ragged": (2, 100, 100, 2, 2, 64, F32, CAUSAL, 0, 0, [100, 61], 0, 32, 32),
@@ -47,7 +49,16 @@ def _seen(q_pos, k_pos, k_valid, mode, window, sinks, mask=None):
     return (visible if mask is None else visible & mask).any(-1)
 
 
-@pytest.mark.parametrize("case", CASES)
+SLOW_CASES = {"causal-gqa2-h128-chunk", "bidirectional-window-mqa", "bf16-block-causal-h64-ragged",
+              "block-causal-gqa4-window-sinks"}
+
+
+def _params(cases):
+    """Case names as pytest params, the ones in SLOW_CASES marked slow."""
+    return [pytest.param(name, marks=SLOW) if name in SLOW_CASES else name for name in cases]
+
+
+@pytest.mark.parametrize("case", _params(CASES))
 def test_forward_matches_reference(case):
     b, t, s, n, kv, h, dtype, mode, window, sinks, lengths, q_start, bq, bk = CASES[case]
     q, k, v, q_pos, k_pos, k_valid = _inputs(b, t, s, n, kv, h, dtype, lengths, q_start)
@@ -85,7 +96,7 @@ def _tree(prefix: int, parents: list[int]):
 TREE = [-1, 0, 0, 1, 1, 2, 3, 5, -1, 8, 9]  # two roots, branches of depth up to 4
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=SLOW)])
 def test_tree_mask_matches_reference(dtype):
     prefix = 45
     q_pos, k_pos, mask = _tree(prefix, TREE)
@@ -107,7 +118,7 @@ GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("case", _params(GRAD_CASES))
 def test_gradients_match_reference(case):
     b, t, s, n, kv, h, mode, window, sinks, lengths, tree = GRAD_CASES[case]
     q, k, v, q_pos, k_pos, k_valid = _inputs(b, t, s, n, kv, h, F32, lengths, s - t, seed=1)
