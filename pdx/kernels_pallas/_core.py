@@ -1,10 +1,13 @@
 """Shared machinery of the attention kernels: the path switch, input checks, the blocked
 online-softmax Pallas kernel (one body for prefill and split decode) and the softmax merge.
 
-The kernel grid is (batch, query head or KV head, query block, split, key block within split). The key
-axis is the innermost, sequential ("arbitrary") axis: running max, sum and output accumulate in VMEM
-scratch across it, as in jax's TPU flash attention. Tiles that the block map marks empty are skipped,
-and their key/value block index repeats the last live one, so the TPU pipeline issues no DMA for them.
+Two layouts of the same tile update (`online_update`):
+- "tpu" (Mosaic): grid (batch, head, query block, split, key block). The key axis is the innermost,
+  sequential ("arbitrary") axis; running max, sum and output live in VMEM scratch across it, as in
+  jax's TPU flash attention. Skipped tiles repeat the last live key block index (scalar-prefetched),
+  so the pipeline issues no DMA for them.
+- "gpu" (Triton): grid (batch, head, query block, split); each program loops over the key blocks of
+  its split with `fori_loop`, skipping dead tiles with `lax.cond`, as in jax's GPU attention.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from pdx.errors import require
 from pdx.kernels_pallas.block_mask import fetch_index
@@ -50,20 +54,35 @@ def use_impl(impl: str):
 def resolve(impl: str | None) -> tuple[str, bool]:
     """(path, interpret) for an `impl` argument (None: the module setting) on the default backend.
 
-    'auto' runs Pallas on TPU (Mosaic) and the jnp reference elsewhere: XLA fuses the reference
-    well on CPU, and the TPU-style grid kernel does not lower through Triton on GPU. A forced
-    'pallas' off TPU runs in interpret mode, which is how the kernels are tested on CPU.
+    'auto' runs Pallas on TPU (Mosaic) and the jnp reference elsewhere: XLA fuses the reference well
+    on CPU, and the Triton layout has not yet been compiled on a GPU (force 'pallas' there to use it).
+    A forced 'pallas' on CPU runs in interpret mode, which is how the kernels are tested.
     """
     impl = _impl[0] if impl is None else impl
     require(impl in IMPLS, f"attention impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     if impl == "auto":
         impl = "pallas" if backend == "tpu" else "reference"
-    return impl, impl == "pallas" and backend != "tpu"
+    return impl, impl == "pallas" and backend not in ("tpu", "gpu")
+
+
+def layout(variant: str | None) -> str:
+    """Kernel layout: 'tpu' (Mosaic grid) or 'gpu' (Triton loop); default: the backend's ('tpu' on CPU)."""
+    variant = variant or ("gpu" if jax.default_backend() == "gpu" else "tpu")
+    require(variant in ("tpu", "gpu"), f"kernel variant must be 'tpu' or 'gpu', got {variant!r}")
+    return variant
 
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def tile(n: int, block: int, variant: str) -> int:
+    """Tile size for a length `n` given the requested `block`: no bigger than the padded length;
+    a multiple of 8 on TPU, a power of two >= 16 for Triton."""
+    if variant == "gpu":
+        return min(block, max(16, 1 << (n - 1).bit_length()))
+    return min(block, round_up(n, 8))
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int, int]:
@@ -80,16 +99,21 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     return b, t, n, h, kh, s
 
 
-def check_blocks(block_q: int, block_k: int, interpret: bool) -> None:
-    """Block sizes: multiples of 8 (sublanes); compiled on TPU the key block is a multiple of 128 (lanes).
-    Compiled kernels need a TPU: the grid-with-scratch kernel has no Triton (GPU) or CPU lowering."""
-    backend = jax.default_backend()
-    require(interpret or backend == "tpu",
-            f"compiled Pallas attention needs a TPU backend, this is {backend!r}: pass interpret=True or use dispatch")
+def check_blocks(block_q: int, block_k: int, interpret: bool, variant: str) -> None:
+    """Block sizes: multiples of 8 (sublanes). Compiled, the TPU key block is a multiple of 128 (lanes)
+    and Triton tiles are powers of two >= 16. Compiled kernels need their backend (no CPU lowering)."""
     require(block_q > 0 and block_q % 8 == 0, f"block_q must be a positive multiple of 8, got {block_q}")
     require(block_k > 0 and block_k % 8 == 0, f"block_k must be a positive multiple of 8, got {block_k}")
-    if not interpret:
+    if interpret:
+        return
+    backend = jax.default_backend()
+    require(backend == variant, f"the compiled '{variant}' attention kernel needs a {variant.upper()} backend, this "
+                                f"is {backend!r}: pass interpret=True or use dispatch")
+    if variant == "tpu":
         require(block_k % 128 == 0, f"on TPU block_k must be a multiple of 128 (the lane width), got {block_k}")
+    else:
+        for name, size in (("block_q", block_q), ("block_k", block_k)):
+            require(size >= 16 and size & (size - 1) == 0, f"on GPU {name} must be a power of two >= 16, got {size}")
 
 
 def check_shape(name: str, x: jax.Array | None, shape: tuple[int, ...]) -> None:
@@ -156,6 +180,30 @@ def _kernel(live_ref, fetch_ref, scalars_ref, q_ref, k_ref, v_ref, qpos_ref, kpo
         lse_ref[...] = lse
 
 
+def _gpu_kernel(live_ref, scalars_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, kvalid_ref, *rest,
+                mode: MaskMode, scale: float, steps: int, block_k: int, has_mask: bool):
+    """One (batch, head, query block, split) program: loop over the split's key blocks in registers."""
+    mask_ref, (o_ref, lse_ref) = (rest[0], rest[1:]) if has_mask else (None, rest)
+    q = q_ref[...] * jnp.asarray(scale, q_ref.dtype)  # [bq, H]
+    q_pos, window, sinks = qpos_ref[...], scalars_ref[0], scalars_ref[1]  # [bq, 1]
+
+    def tile(j, carry):
+        def update(carry):
+            keys = pl.ds(j * block_k, block_k)
+            visible = pair_visible(q_pos, kpos_ref[:, keys], mode, window, sinks) & (kvalid_ref[:, keys] != 0)
+            if has_mask:
+                visible &= mask_ref[:, keys] != 0
+            return online_update(q, k_ref[keys, :], v_ref[keys, :], visible, *carry)
+
+        return jax.lax.cond(live_ref[j] != 0, update, lambda c: c, carry)
+
+    bq, h = q.shape
+    init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32), jnp.zeros((bq, h), jnp.float32))
+    o, lse = finalize(*jax.lax.fori_loop(0, steps, tile, init))
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
 def blocked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -174,16 +222,44 @@ def blocked_attention(
     num_splits: int,
     out_dtype,
     interpret: bool,
+    variant: str,
 ) -> tuple[jax.Array, jax.Array]:
     """The Pallas call. q [B, Nq, T, H] (query head n reads KV head n // (Nq / K)), k, v [B, K, S, H];
     q_pos [B, T], k_pos, k_valid [B, S]; mask [B, T, S] or None; live [B, T/bq, S/bk] from `block_map`.
     T and S are multiples of the blocks, S/bk of `num_splits`. Returns o [B, Nq, splits, T, H] and
-    lse [B, Nq, splits, T, 1] (fp32), one softmax partial per split of the keys.
+    lse [B, Nq, splits, T, 1] (fp32), one softmax partial per split of the keys. `variant`: see `layout`.
     """
     b, nq_heads, t, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     groups = nq_heads // kv_heads
     steps = s // block_k // num_splits
+    args = [q, k, v, q_pos.astype(jnp.int32)[:, :, None], k_pos.astype(jnp.int32)[:, None, :],
+            k_valid.astype(jnp.int32)[:, None, :]] + ([] if mask is None else [mask.astype(jnp.int32)])
+    scalars = jnp.stack([jnp.asarray(window, jnp.int32), jnp.asarray(sinks, jnp.int32)])
+    out_shape = [jax.ShapeDtypeStruct((b, nq_heads, num_splits, t, h), out_dtype),
+                 jax.ShapeDtypeStruct((b, nq_heads, num_splits, t, 1), jnp.float32)]
+    out_map = lambda bi, n, i, sp, *_: (bi, n, sp, i, 0)  # noqa: E731  (both grids; TPU adds j and refs)
+    out_specs = [pl.BlockSpec((None, None, None, block_q, h), out_map),
+                 pl.BlockSpec((None, None, None, block_q, 1), out_map)]
+    scale = 1.0 / math.sqrt(h)
+    if variant == "gpu":
+        split = s // num_splits  # each program holds its split of the keys and loops over its tiles
+        in_specs = [
+            pl.BlockSpec((None, None, steps), lambda bi, n, i, sp: (bi, i, sp)),
+            pl.BlockSpec((2,), lambda bi, n, i, sp: (0,)),
+            pl.BlockSpec((None, None, block_q, h), lambda bi, n, i, sp: (bi, n, i, 0)),
+            pl.BlockSpec((None, None, split, h), lambda bi, n, i, sp: (bi, n // groups, sp, 0)),
+            pl.BlockSpec((None, None, split, h), lambda bi, n, i, sp: (bi, n // groups, sp, 0)),
+            pl.BlockSpec((None, block_q, 1), lambda bi, n, i, sp: (bi, i, 0)),
+            pl.BlockSpec((None, 1, split), lambda bi, n, i, sp: (bi, 0, sp)),
+            pl.BlockSpec((None, 1, split), lambda bi, n, i, sp: (bi, 0, sp)),
+        ] + ([] if mask is None else [pl.BlockSpec((None, block_q, split), lambda bi, n, i, sp: (bi, i, sp))])
+        kernel = functools.partial(_gpu_kernel, mode=mode, scale=scale, steps=steps, block_k=block_k,
+                                   has_mask=mask is not None)
+        return pl.pallas_call(kernel, grid=(b, nq_heads, t // block_q, num_splits), in_specs=in_specs,
+                              out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+                              compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+                              name="pdx_blocked_attention_gpu")(live.astype(jnp.int32), scalars, *args)
     fetch = fetch_index(live)  # [B, T/bq, S/bk] key block to DMA at each step
 
     def kv_map(bi, n, i, sp, j, live_ref, fetch_ref, scalars_ref):
@@ -200,30 +276,23 @@ def blocked_attention(
         pl.BlockSpec((None, 1, block_k), kpos_map),
         pl.BlockSpec((None, 1, block_k), kpos_map),
     ]
-    args = [q, k, v, q_pos.astype(jnp.int32)[:, :, None], k_pos.astype(jnp.int32)[:, None, :],
-            k_valid.astype(jnp.int32)[:, None, :]]
     if mask is not None:
         in_specs.append(pl.BlockSpec(
             (None, block_q, block_k),
             lambda bi, n, i, sp, j, live_ref, fetch_ref, _: (bi, i, fetch_ref[bi, i, sp * steps + j])))
-        args.append(mask.astype(jnp.int32))
-    out_map = lambda bi, n, i, sp, j, *_: (bi, n, sp, i, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(b, nq_heads, t // block_q, num_splits, steps),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, None, block_q, h), out_map),
-                   pl.BlockSpec((None, None, None, block_q, 1), out_map)],
+        out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
                         pltpu.VMEM((block_q, h), jnp.float32)],
     )
-    kernel = functools.partial(_kernel, mode=mode, scale=1.0 / math.sqrt(h), steps=steps, has_mask=mask is not None)
-    scalars = jnp.stack([jnp.asarray(window, jnp.int32), jnp.asarray(sinks, jnp.int32)])
+    kernel = functools.partial(_kernel, mode=mode, scale=scale, steps=steps, has_mask=mask is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, nq_heads, num_splits, t, h), out_dtype),
-                   jax.ShapeDtypeStruct((b, nq_heads, num_splits, t, 1), jnp.float32)],
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,

@@ -62,8 +62,10 @@ def pallas(
     num_splits: int = 4,
     return_lse: bool = False,
     interpret: bool = False,
+    variant: str | None = None,
 ):
-    """Same contract as `reference`, by the split-K Pallas kernel (forward only: decoding needs no grads)."""
+    """Same contract as `reference`, by the split-K Pallas kernel (forward only: decoding needs no grads).
+    `variant`: kernel layout, 'tpu' or 'gpu' (default: the backend's)."""
     b, t, n, h, kv_heads, s = _core.check_qkv(q, k, v)
     _core.check_shape("q_pos", q_pos, (b, t))
     _core.check_shape("lengths", lengths, (b,))
@@ -71,11 +73,12 @@ def pallas(
     require(g * t <= MAX_ROWS, f"decode attention folds G*T = {g * t} query rows per KV head, at most {MAX_ROWS}; "
                                "use flash_attention for long query blocks")
     require(num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
-    _core.check_blocks(8, block_k, interpret)
-    bk = min(block_k, _core.round_up(s, 8))
+    variant = _core.layout(variant)
+    _core.check_blocks(16, block_k, interpret, variant)
+    bk = _core.tile(s, block_k, variant)
     splits = min(num_splits, -(-s // bk))
     sp = _core.round_up(s, bk * splits)
-    rows = _core.round_up(g * t, 8)
+    rows = _core.tile(g * t, MAX_ROWS, variant)  # all rows in one block
     # Fold: row r = g * T + t of KV head k holds query head k * G + g at position t.
     qf = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
     qf = _core.pad_axis(qf, 2, rows)  # [B, K, R, H]
@@ -86,7 +89,8 @@ def pallas(
     live = block_map(row_pos, row_real, k_pos, k_valid, mode, window, sinks, rows, bk)  # [B, 1, S/bk]
     o, lse = _core.blocked_attention(
         qf, _core.pad_axis(k, 2, sp), _core.pad_axis(v, 2, sp), row_pos, k_pos, k_valid, None, live, window, sinks,
-        mode=mode, block_q=rows, block_k=bk, num_splits=splits, out_dtype=jnp.float32, interpret=interpret)
+        mode=mode, block_q=rows, block_k=bk, num_splits=splits, out_dtype=jnp.float32, interpret=interpret,
+        variant=variant)
     o, lse = _core.merge(o, lse[..., 0], axis=2)  # [B, K, R, H], [B, K, R]
     unfold = lambda x: x[:, :, : g * t].reshape(b, kv_heads, g, t, *x.shape[3:]).transpose(  # noqa: E731
         0, 3, 1, 2, *range(4, x.ndim + 1)).reshape(b, t, n, *x.shape[3:])

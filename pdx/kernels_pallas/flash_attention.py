@@ -70,6 +70,7 @@ class _Static:
     block_q: int
     block_k: int
     interpret: bool
+    variant: str
 
 
 def _forward(st: _Static, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks):
@@ -77,7 +78,8 @@ def _forward(st: _Static, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, 
     live = block_map(q_pos, q_real, k_pos, k_valid, st.mode, window, sinks, st.block_q, st.block_k, mask)
     o, lse = _core.blocked_attention(
         q.transpose(0, 2, 1, 3), k, v, q_pos, k_pos, k_valid, mask, live, window, sinks, mode=st.mode,
-        block_q=st.block_q, block_k=st.block_k, num_splits=1, out_dtype=q.dtype, interpret=st.interpret)
+        block_q=st.block_q, block_k=st.block_k, num_splits=1, out_dtype=q.dtype, interpret=st.interpret,
+        variant=st.variant)
     return o[:, :, 0].transpose(0, 2, 1, 3), lse[:, :, 0, :, 0].transpose(0, 2, 1)
 
 
@@ -149,26 +151,29 @@ def pallas(
     block_k: int = 128,
     return_lse: bool = False,
     interpret: bool = False,
+    variant: str | None = None,
 ):
     """Same contract as `reference`, computed by the block-sparse Pallas kernel (differentiable in q, k, v).
 
     Block sizes are static; lengths not divisible by them are padded (padded keys are invalid).
-    `window` and `sinks` may be traced.
+    `window` and `sinks` may be traced. `variant`: kernel layout, 'tpu' or 'gpu' (default: the backend's).
     """
     b, t, n, h, kv_heads, s = _core.check_qkv(q, k, v)
     for name, x, shape in (("q_pos", q_pos, (b, t)), ("k_pos", k_pos, (b, s)), ("k_valid", k_valid, (b, s)),
                            ("mask", mask, (b, t, s))):
         _core.check_shape(name, x, shape)
-    _core.check_blocks(block_q, block_k, interpret)
-    bq, bk = min(block_q, _core.round_up(t, 8)), min(block_k, _core.round_up(s, 8))
+    variant = _core.layout(variant)
+    _core.check_blocks(block_q, block_k, interpret, variant)
+    bq, bk = _core.tile(t, block_q, variant), _core.tile(s, block_k, variant)
     tp, sp = _core.round_up(t, bq), _core.round_up(s, bk)
-    pad_q, pad_k = functools.partial(_core.pad_axis, axis=1, size=tp), functools.partial(_core.pad_axis, axis=1,
-                                                                                         size=sp)
+    pad_q = lambda x: _core.pad_axis(x, 1, tp)  # noqa: E731  [B, T, ...] -> [B, Tp, ...]
+    pad_k = lambda x, axis=1: _core.pad_axis(x, axis, sp)  # noqa: E731  keys axis -> Sp
     if mask is not None:
-        mask = _core.pad_axis(pad_q(mask.astype(bool)), 2, sp)
-    o, lse = _flash(_Static(mode, bq, bk, interpret), pad_q(q), _core.pad_axis(k, 2, sp), _core.pad_axis(v, 2, sp),
-                    pad_q(q_pos.astype(jnp.int32)), pad_q(jnp.ones((b, t), bool)), pad_k(k_pos.astype(jnp.int32)),
-                    pad_k(k_valid.astype(bool)), mask, jnp.asarray(window, jnp.int32), jnp.asarray(sinks, jnp.int32))
+        mask = pad_k(pad_q(mask.astype(bool)), 2)
+    st = _Static(mode, bq, bk, interpret, variant)
+    o, lse = _flash(st, pad_q(q), pad_k(k, 2), pad_k(v, 2), pad_q(q_pos.astype(jnp.int32)),
+                    pad_q(jnp.ones((b, t), bool)), pad_k(k_pos.astype(jnp.int32)), pad_k(k_valid.astype(bool)), mask,
+                    jnp.asarray(window, jnp.int32), jnp.asarray(sinks, jnp.int32))
     o, lse = o[:, :t], lse[:, :t]
     return (o, lse) if return_lse else o
 

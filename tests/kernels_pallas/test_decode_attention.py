@@ -24,19 +24,20 @@ CASES = {
     "mqa-block-causal": (4, 1, 64, 4, F32, MaskMode("block_causal", 4), 0, 0, [96, 64, 12], 100, 32, 2),
     "bf16-gqa2-one-split": (4, 2, 128, 2, BF16, CAUSAL, 0, 0, [130, 70, 9], 130, 64, 1),
 }
-SLOW_CASES = {"mqa-block-causal", "bf16-gqa2-one-split"}
+SLOW_CASES = {"mqa-block-causal", "bf16-gqa2-one-split", "gqa2-window-sinks"}
+PARAMS = [pytest.param(c, "tpu", marks=pytest.mark.slow) if c in SLOW_CASES else (c, "tpu") for c in CASES]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
-                                  for c in CASES])
-def test_decode_matches_reference(case):
+@pytest.mark.parametrize("case, variant", PARAMS + [("gqa2-window-sinks", "gpu")])
+def test_decode_matches_reference(case, variant):
+    """Both kernel layouts: 'tpu' (Mosaic grid with scratch) and 'gpu' (Triton loop over key tiles)."""
     n, kv, h, t, dtype, mode, window, sinks, lengths, s, bk, splits = CASES[case]
     b = len(lengths)
     q, k, v = qkv(b, t, s, n, kv, h, dtype, seed=4)
     lengths = jnp.asarray(lengths, jnp.int32)
     q_pos = lengths[:, None] - t + jnp.arange(t)
     kernel = jax.jit(lambda *a: da.pallas(*a, mode, window, sinks, block_k=bk, num_splits=splits, return_lse=True,
-                                          interpret=True))
+                                          interpret=True, variant=variant))
     ours, lse = kernel(q, k, v, q_pos, lengths)
     ref, ref_lse = da.reference(q, k, v, q_pos, lengths, mode, window, sinks, return_lse=True)
     seen = q_pos >= 0  # a query at position >= 0 sees at least itself

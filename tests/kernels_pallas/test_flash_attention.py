@@ -50,7 +50,7 @@ def _seen(q_pos, k_pos, k_valid, mode, window, sinks, mask=None):
 
 
 SLOW_CASES = {"causal-gqa2-h128-chunk", "bidirectional-window-mqa", "bf16-block-causal-h64-ragged",
-              "block-causal-gqa4-window-sinks"}
+              "block-causal-gqa4-window-sinks", "tree"}
 
 
 def _params(cases):
@@ -58,13 +58,17 @@ def _params(cases):
     return [pytest.param(name, marks=SLOW) if name in SLOW_CASES else name for name in cases]
 
 
-@pytest.mark.parametrize("case", _params(CASES))
-def test_forward_matches_reference(case):
+GPU_CASES = ["window-sinks-gqa2", pytest.param("bf16-block-causal-h64-ragged", marks=SLOW)]
+
+
+@pytest.mark.parametrize("case, variant", [(c, "tpu") for c in _params(CASES)] + [(c, "gpu") for c in GPU_CASES])
+def test_forward_matches_reference(case, variant):
+    """Both kernel layouts: 'tpu' (Mosaic grid with scratch) and 'gpu' (Triton loop over key tiles)."""
     b, t, s, n, kv, h, dtype, mode, window, sinks, lengths, q_start, bq, bk = CASES[case]
     q, k, v, q_pos, k_pos, k_valid = _inputs(b, t, s, n, kv, h, dtype, lengths, q_start)
     arrays = (q, k, v, q_pos, k_pos, k_valid)
     kernel = jax.jit(lambda *a, window, sinks: fa.pallas(*a, mode, window, sinks, block_q=bq, block_k=bk,
-                                                         return_lse=True, interpret=True))
+                                                         return_lse=True, interpret=True, variant=variant))
     ours, lse = kernel(*arrays, window=window, sinks=sinks)  # window and sinks traced, as in the models
     ref, ref_lse = fa.reference(*arrays, mode, window, sinks, return_lse=True)
     assert ours.shape == q.shape and ours.dtype == dtype and lse.shape == (b, t, n)
@@ -96,15 +100,17 @@ def _tree(prefix: int, parents: list[int]):
 TREE = [-1, 0, 0, 1, 1, 2, 3, 5, -1, 8, 9]  # two roots, branches of depth up to 4
 
 
-@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=SLOW)])
-def test_tree_mask_matches_reference(dtype):
+@pytest.mark.parametrize("dtype, variant", [(F32, "tpu"), pytest.param(BF16, "tpu", marks=SLOW),
+                                            pytest.param(F32, "gpu", marks=SLOW)])
+def test_tree_mask_matches_reference(dtype, variant):
     prefix = 45
     q_pos, k_pos, mask = _tree(prefix, TREE)
     t, s = q_pos.shape[1], k_pos.shape[1]
     q, k, v = qkv(1, t, s, 4, 2, 64, dtype, seed=3)
     k_valid = jnp.ones((1, s), bool)
     args = (q, k, v, q_pos, k_pos, k_valid, CAUSAL, 0, 0, mask)
-    ours = jax.jit(lambda *a: fa.pallas(*a, CAUSAL, 0, 0, mask, block_q=8, block_k=16, interpret=True))(*args[:6])
+    ours = jax.jit(lambda *a: fa.pallas(*a, CAUSAL, 0, 0, mask, block_q=16, block_k=16, interpret=True,
+                                        variant=variant))(*args[:6])
     assert_close(ours, fa.reference(*args), dtype)
     # Siblings must not see each other: dropping the tree mask changes the outputs.
     assert not np.allclose(np.asarray(ours, np.float32),
@@ -185,6 +191,8 @@ def test_invalid_inputs_raise_clear_errors():
         run(q.astype(jnp.float16), k, v, q_pos, k_pos, k_valid)
     with pytest.raises(InvalidInputError, match="needs a TPU backend"):
         fa.pallas(q, k, v, q_pos, k_pos, k_valid)
+    with pytest.raises(InvalidInputError, match="variant must be 'tpu' or 'gpu'"):
+        run(q, k, v, q_pos, k_pos, k_valid, variant="cuda")
     with pytest.raises(InvalidInputError, match="impl must be one of"):
         fa.dispatch(q, k, v, q_pos, k_pos, k_valid, impl="triton")
 

@@ -34,7 +34,7 @@ def cfg64(tiny_cfg):
     return dataclasses.replace(tiny_cfg, hidden_size=128, head_dim=64, layer_windows=(0, 5))
 
 
-@pytest.mark.parametrize("mode", [CAUSAL, MaskMode("block_causal", 4)])
+@pytest.mark.parametrize("mode", [pytest.param(CAUSAL, marks=pytest.mark.slow), MaskMode("block_causal", 4)])
 def test_tiny_model_prefill(cfg64, mode):
     params = tf.init_params(cfg64, jax.random.PRNGKey(0), scale=0.2)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, cfg64.vocab_size)
