@@ -53,15 +53,15 @@ SLOW_CASES = {"causal-gqa2-h128-chunk", "bidirectional-window-mqa", "bf16-block-
               "block-causal-gqa4-window-sinks", "tree"}
 
 
-def _params(cases):
-    """Case names as pytest params, the ones in SLOW_CASES marked slow."""
-    return [pytest.param(name, marks=SLOW) if name in SLOW_CASES else name for name in cases]
+def _params(cases, *extra):
+    """pytest params (name, *extra) per case, the ones in SLOW_CASES marked slow."""
+    return [pytest.param(name, *extra, marks=[SLOW] if name in SLOW_CASES else []) for name in cases]
 
 
-GPU_CASES = ["window-sinks-gqa2", pytest.param("bf16-block-causal-h64-ragged", marks=SLOW)]
+GPU_CASES = ["window-sinks-gqa2", "bf16-block-causal-h64-ragged"]
 
 
-@pytest.mark.parametrize("case, variant", [(c, "tpu") for c in _params(CASES)] + [(c, "gpu") for c in GPU_CASES])
+@pytest.mark.parametrize("case, variant", _params(CASES, "tpu") + _params(GPU_CASES, "gpu"))
 def test_forward_matches_reference(case, variant):
     """Both kernel layouts: 'tpu' (Mosaic grid with scratch) and 'gpu' (Triton loop over key tiles)."""
     b, t, s, n, kv, h, dtype, mode, window, sinks, lengths, q_start, bq, bk = CASES[case]
