@@ -72,15 +72,16 @@ def skip_stats(
     block_k: int = 128,
     lengths: jax.Array | None = None,
 ) -> dict:
-    """Fraction of tiles a kernel skips for a prefill of `q_len` queries at the end of `kv_len` keys.
+    """Fraction of tiles a kernel skips when `q_len` queries attend to `kv_len` keys.
 
-    `lengths [B]` are per-row valid key counts (default all `kv_len`); query i sits at position
-    `kv_len - q_len + i`, key j at position j. Returns total/computed tiles and the skipped fraction.
+    `lengths [B]` are per-row valid key counts (default all `kv_len`). Query i of row b sits at
+    position `lengths[b] - q_len + i` (the row's newest tokens: a prefill, or a decode / verify step),
+    key j at position j. Returns total/computed tiles and the skipped fraction.
     """
     lengths = jnp.asarray([kv_len] if lengths is None else lengths, jnp.int32)
     b = lengths.shape[0]
     tq, tk = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
-    q_pos = jnp.broadcast_to(kv_len - q_len + jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    q_pos = lengths[:, None] - q_len + jnp.arange(tq, dtype=jnp.int32)  # [B, Tq]
     k_pos = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
     q_real = jnp.arange(tq)[None] < q_len
     live = block_map(q_pos, jnp.broadcast_to(q_real, (b, tq)), k_pos, k_pos < lengths[:, None], mode, window,

@@ -171,6 +171,8 @@ def test_skip_stats():
     assert window["computed"] == 8 + 7  # the diagonal and the tile before it
     ragged = skip_stats(1024, 1024, BIDIRECTIONAL, lengths=[1024, 512])
     assert ragged["skipped_fraction"] == 0.25
+    decode = skip_stats(1, 4096, CAUSAL, window=1024, block_q=8, lengths=[4096, 2048, 1024, 512])
+    assert decode["tiles"] == 4 * 32 and decode["computed"] == 8 + 8 + 8 + 4  # each row: its last 1024 keys
 
 
 def test_invalid_inputs_raise_clear_errors():
