@@ -51,18 +51,21 @@ def use_impl(impl: str):
         _impl[0] = previous
 
 
-def resolve(impl: str | None) -> tuple[str, bool]:
-    """(path, interpret) for an `impl` argument (None: the module setting) on the default backend.
+def resolve(impl: str | None, q: jax.Array) -> tuple[str, bool]:
+    """(path, interpret) for an `impl` argument (None: the module setting), queries `q [..., H]` and
+    the default backend.
 
-    'auto' runs Pallas on TPU (Mosaic) and the jnp reference elsewhere: XLA fuses the reference well
-    on CPU, and the Triton layout has not yet been compiled on a GPU (force 'pallas' there to use it).
-    A forced 'pallas' on CPU runs in interpret mode, which is how the kernels are tested.
+    'auto' runs Pallas on TPU (Mosaic) when the kernels support the head dim and dtype, and the jnp
+    reference otherwise: XLA fuses the reference well on CPU, and the Triton layout has not yet been
+    compiled on a GPU (force 'pallas' there to use it). A forced 'pallas' on CPU runs in interpret
+    mode, which is how the kernels are tested; unsupported shapes then raise `InvalidInputError`.
     """
     impl = _impl[0] if impl is None else impl
     require(impl in IMPLS, f"attention impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     if impl == "auto":
-        impl = "pallas" if backend == "tpu" else "reference"
+        fits = q.shape[-1] in HEAD_DIMS and q.dtype in (jnp.float32, jnp.bfloat16)
+        impl = "pallas" if backend == "tpu" and fits else "reference"
     return impl, impl == "pallas" and backend not in ("tpu", "gpu")
 
 

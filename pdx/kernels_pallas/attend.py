@@ -32,7 +32,7 @@ def attend(
 ) -> jax.Array:
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
     lengths [B])` -> `[B, T, N, H]`. `impl` as in `_core.resolve` (None: the module setting)."""
-    path, interpret = _core.resolve(impl)
+    path, interpret = _core.resolve(impl, q)
     if path == "reference":
         segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
         if cache is not None:

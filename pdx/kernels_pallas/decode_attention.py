@@ -114,7 +114,7 @@ def dispatch(
     num_splits: int = 4,
 ):
     """`reference` or `pallas` by backend, or as forced by `impl` / `_core.set_impl` (see `_core.resolve`)."""
-    path, interpret = _core.resolve(impl)
+    path, interpret = _core.resolve(impl, q)
     args = (q, k, v, q_pos, lengths, mode, window, sinks)
     if path == "reference":
         return reference(*args, return_lse=return_lse)

@@ -196,7 +196,7 @@ def dispatch(
     block_k: int = 128,
 ):
     """`reference` or `pallas` by backend, or as forced by `impl` / `_core.set_impl` (see `_core.resolve`)."""
-    path, interpret = _core.resolve(impl)
+    path, interpret = _core.resolve(impl, q)
     args = (q, k, v, q_pos, k_pos, k_valid, mode, window, sinks, mask)
     if path == "reference":
         return reference(*args, return_lse=return_lse)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pdx.errors import InvalidInputError
+from pdx.kernels_pallas import _core, use_impl
 from pdx.kernels_pallas import flash_attention as fa
 from pdx.kernels_pallas.block_mask import block_map, skip_stats
 from pdx.models import layers
@@ -205,3 +206,20 @@ def test_dispatch_paths():
     args = (q, k, v, q_pos, k_pos, k_valid)
     np.testing.assert_array_equal(np.asarray(fa.dispatch(*args)), np.asarray(fa.reference(*args)))
     assert_close(fa.dispatch(*args, impl="pallas", block_q=8, block_k=8), fa.reference(*args), F32)
+
+
+def test_path_resolution(monkeypatch):
+    """'auto': Pallas on TPU where the kernels fit, else the reference; use_impl forces a path and restores."""
+    q64, q16 = jnp.zeros((1, 4, 2, 64)), jnp.zeros((1, 4, 2, 16))
+    assert _core.resolve(None, q64) == ("reference", False)  # CPU
+    assert _core.resolve("pallas", q64) == ("pallas", True)  # forced on CPU: interpret mode
+    with use_impl("pallas"):
+        assert _core.resolve(None, q64) == ("pallas", True)
+    assert _core.resolve(None, q64) == ("reference", False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert _core.resolve(None, q64) == ("pallas", False)
+    assert _core.resolve(None, q16) == ("reference", False)  # head dim the kernels do not take
+    assert _core.resolve(None, q64.astype(jnp.float16)) == ("reference", False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _core.resolve(None, q64) == ("reference", False)
+    assert _core.resolve("pallas", q64) == ("pallas", False)
