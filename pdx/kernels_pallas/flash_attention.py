@@ -74,31 +74,32 @@ class _Static:
 
 
 def _forward(st: _Static, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks):
-    """Padded inputs -> (o [B, T, N, H], lse [B, T, N])."""
+    """Padded inputs -> (o [B, T, N, H], lse [B, T, N]), live tiles [B, T/bq, S/bk]."""
     live = block_map(q_pos, q_real, k_pos, k_valid, st.mode, window, sinks, st.block_q, st.block_k, mask)
     o, lse = _core.blocked_attention(
         q.transpose(0, 2, 1, 3), k, v, q_pos, k_pos, k_valid, mask, live, window, sinks, mode=st.mode,
         block_q=st.block_q, block_k=st.block_k, num_splits=1, out_dtype=q.dtype, interpret=st.interpret,
         variant=st.variant)
-    return o[:, :, 0].transpose(0, 2, 1, 3), lse[:, :, 0, :, 0].transpose(0, 2, 1)
+    return (o[:, :, 0].transpose(0, 2, 1, 3), lse[:, :, 0, :, 0].transpose(0, 2, 1)), live
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: _Static, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks):
-    return _forward(st, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks)
+    return _forward(st, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks)[0]
 
 
 def _flash_fwd(st, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks):
-    o, lse = _forward(st, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks)
-    return (o, lse), (q, k, v, o, lse, q_pos, k_pos, k_valid, mask, window, sinks)
+    (o, lse), live = _forward(st, q, k, v, q_pos, q_real, k_pos, k_valid, mask, window, sinks)
+    return (o, lse), (q, k, v, o, lse, q_pos, k_pos, k_valid, mask, window, sinks, live.any((0, 1)))
 
 
 def _flash_bwd(st, res, cotangents):
-    """Blocked backward: scan over key blocks, recomputing p = exp(s - lse) per block.
+    """Blocked backward: scan over key blocks, recomputing p = exp(s - lse) per block; key blocks that
+    no query tile sees (`alive [S/bk]` False) are skipped.
 
     dV_j = P_j^T dO;  dS_j = P_j * (dO V_j^T - rowsum(dO * O) + dlse);  dQ += dS_j K_j;  dK_j = dS_j^T Q.
     """
-    q, k, v, o, lse, q_pos, k_pos, k_valid, mask, window, sinks = res
+    q, k, v, o, lse, q_pos, k_pos, k_valid, mask, window, sinks, alive = res
     do, dlse = cotangents
     b, t, n, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
@@ -114,8 +115,12 @@ def _flash_bwd(st, res, cotangents):
     xs = (blocks(k, 2), blocks(v, 2), blocks(k_pos, 1), blocks(k_valid, 1), None if mask is None else blocks(mask, 2))
 
     def step(dq, x):
-        kj, vj, kpos, kvalid, mask_j = x  # kj, vj: [B, K, bk, H]
-        kj, vj = kj.astype(jnp.float32), vj.astype(jnp.float32)
+        alive_j, *block = x
+        skip = lambda dq, kj, *_: (dq, (jnp.zeros(kj.shape, jnp.float32),) * 2)  # noqa: E731
+        return jax.lax.cond(alive_j, grads, skip, dq, *block)
+
+    def grads(dq, kj, vj, kpos, kvalid, mask_j):
+        kj, vj = kj.astype(jnp.float32), vj.astype(jnp.float32)  # [B, K, bk, H]
         visible = layers.visibility(q_pos, kpos, kvalid, st.mode, window, sinks)  # [B, T, bk]
         if mask_j is not None:
             visible &= mask_j
@@ -126,7 +131,7 @@ def _flash_bwd(st, res, cotangents):
         dv = jnp.einsum("bkgts,btkgh->bksh", p, do)
         return dq + jnp.einsum("bkgts,bksh->btkgh", ds, kj), (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qs), xs)
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qs), (alive, *xs))
     unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kv_heads, s, h)  # noqa: E731  [S/bk, B, K, bk, H] -> [B, K, S, H]
     dq = (dq * scale).reshape(b, t, n, h).astype(q.dtype)
     return dq, unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None, None, None, None, None, None

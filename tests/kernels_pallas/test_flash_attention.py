@@ -119,7 +119,7 @@ def test_tree_mask_matches_reference(dtype, variant):
 
 
 GRAD_CASES = {
-    "causal-gqa2-ragged": (2, 70, 70, 4, 2, 64, CAUSAL, 0, 0, [70, 45], None),
+    "causal-gqa2-ragged": (2, 70, 70, 4, 2, 64, CAUSAL, 0, 0, [60, 45], None),  # last key block dead: skipped
     "block-causal-gqa4-window-sinks": (1, 80, 80, 8, 2, 128, BC16, 40, 8, [80], None),
     "tree": (1, len(TREE), 45 + len(TREE), 4, 2, 64, CAUSAL, 0, 0, [45 + len(TREE)], TREE),
 }
