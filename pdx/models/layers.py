@@ -121,24 +121,38 @@ def as_mask_mode(mode: str | MaskMode) -> MaskMode:
     return mode if isinstance(mode, MaskMode) else MaskMode(mode)
 
 
-def visibility(
-    q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, mode: MaskMode, window: jax.Array | int
+def pair_visible(
+    q: jax.Array, k: jax.Array, mode: MaskMode, window: jax.Array | int, sinks: jax.Array | int = 0
 ) -> jax.Array:
-    """Boolean `[B, T, S]`: may the query at `q_pos [B, T]` see the key at `k_pos [B, S]`?
+    """Elementwise mask rule on broadcastable query/key positions (the Pallas kernels apply it per block).
 
-    `window` is the sliding-window length (a key is visible iff `q - k < window`); pass 0 for
-    no window. It may be traced, so layers with different windows share one scanned program.
+    `window` is the sliding-window length (a key is visible iff `q - k < window`); 0 means none.
+    The first `sinks` positions stay visible outside the window (StreamingLLM sink tokens).
     """
-    q, k = q_pos[:, :, None], k_pos[:, None, :]
     if mode.kind == "causal":
         visible = k <= q
     elif mode.kind == "block_causal":
         visible = (k // mode.block_size) <= (q // mode.block_size)
     else:
-        visible = jnp.ones(q.shape[:2] + k.shape[2:], bool)
+        visible = jnp.ones(jnp.broadcast_shapes(jnp.shape(q), jnp.shape(k)), bool)
     window = jnp.asarray(window)
-    visible &= (window <= 0) | (q - k < window)
-    return visible & k_valid[:, None, :]
+    return visible & ((window <= 0) | (q - k < window) | (k < sinks))
+
+
+def visibility(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    k_valid: jax.Array,
+    mode: MaskMode,
+    window: jax.Array | int,
+    sinks: jax.Array | int = 0,
+) -> jax.Array:
+    """Boolean `[B, T, S]`: may the query at `q_pos [B, T]` see the key at `k_pos [B, S]`?
+
+    `window` and `sinks` may be traced, so layers with different windows share one scanned
+    program; see `pair_visible` for the rule.
+    """
+    return pair_visible(q_pos[:, :, None], k_pos[:, None, :], mode, window, sinks) & k_valid[:, None, :]
 
 
 def attention(q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pdx.errors import ConfigError, require
+from pdx.kernels_pallas.attend import attend
 from pdx.models import layers as nn
 from pdx.models.layers import CAUSAL, MaskMode, RopeScaling
 
@@ -145,9 +146,6 @@ def hidden_states(
     if valid is None:
         valid = jnp.ones((b, t), bool)
     windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
-    if cache is not None:
-        slot_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-        slot_valid = slot_pos < cache.lengths[:, None]  # [B, S]
 
     def layer(x, xs):
         p, window, cached = xs
@@ -164,11 +162,8 @@ def hidden_states(
             v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
             q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            segments = [(k, v, nn.visibility(positions, positions, valid, mode, window))]
-            if cached is not None:
-                ck, cv = cached  # [B, K, S, H]
-                segments.insert(0, (ck, cv, nn.visibility(positions, slot_pos, slot_valid, mode, window)))
-            o = nn.attention(q, segments)  # [B, T, N, H]
+            # Attention over the cached slots (k, v [B, K, S, H]) and the new keys, via the kernel dispatch.
+            o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths))
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):

@@ -1,0 +1,57 @@
+"""The attention entry point of the models: new tokens, optionally after a KV cache, via the kernels.
+
+Keys come in two segments that share one softmax: the cache (slot s holds position s, valid iff
+`s < lengths[b]`) and the T new tokens (at `q_pos`, valid where `valid`). The reference path is the
+models' original code (`layers.visibility` + `layers.attention` over the two segments). The Pallas
+path runs flash attention over the new tokens and decode attention (few rows) or flash attention
+(many rows) over the cache, each returning its softmax partial, and merges them by log-sum-exp,
+so the cache is never copied to concatenate it with the new keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pdx.kernels_pallas import _core, decode_attention, flash_attention
+from pdx.models import layers
+from pdx.models.layers import MaskMode
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    valid: jax.Array,
+    mode: MaskMode,
+    window: jax.Array | int,
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    *,
+    impl: str | None = None,
+) -> jax.Array:
+    """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
+    lengths [B])` -> `[B, T, N, H]`. `impl` as in `_core.resolve` (None: the module setting)."""
+    path, interpret = _core.resolve(impl, q)
+    if path == "reference":
+        segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
+        if cache is not None:
+            ck, cv, lengths = cache
+            slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
+            segments.insert(0, (ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window)))
+        return layers.attention(q, segments)
+    out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, return_lse=True,
+                                      interpret=interpret)
+    if cache is None:
+        return out
+    ck, cv, lengths = cache
+    t, n = q.shape[1], q.shape[2]
+    if (n // ck.shape[1]) * t <= decode_attention.MAX_ROWS:
+        cached = decode_attention.pallas(q, ck, cv, q_pos, lengths, mode, window, return_lse=True,
+                                         interpret=interpret)
+    else:
+        slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
+        cached = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, return_lse=True,
+                                        interpret=interpret)
+    o, _ = _core.merge(jnp.stack([cached[0], out]), jnp.stack([cached[1], lse]), axis=0)
+    return o.astype(q.dtype)
