@@ -29,8 +29,9 @@ from jax import lax
 def discretize_dt(dt: jax.Array, dt_bias: jax.Array, limit: tuple[float, float] = (0.0, float("inf"))) -> jax.Array:
     """Step sizes `softplus(dt + dt_bias)` clamped to `limit`, in fp32: `[..., H]` -> `[..., H]`.
 
-    The reference clamps only in its chunked path; with the default limit (0, inf) the clamp is the
-    identity on softplus outputs, and applying it in both paths keeps prefill and decode consistent.
+    transformers and mamba_ssm clamp only in their chunked path, not in the single-token step. pdx
+    clamps in both, so prefill, decode and speculative verify agree; with the default (0, inf),
+    which released checkpoints use, the clamp is the identity and both agree with the reference.
     """
     dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
     return jnp.clip(dt, limit[0], limit[1])
