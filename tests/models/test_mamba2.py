@@ -186,6 +186,21 @@ def test_frozen_rows_keep_their_state_in_a_decode_step(tiny):
     assert not np.allclose(np.asarray(stepped.ssm[:, 0]), np.asarray(cache.ssm[:, 0]))
 
 
+def test_unstacked_layers_match_stacked(tiny):
+    """Per-layer weights (the fast decode layout) give the same prefill and decode as the stacked ones."""
+    cfg, params = tiny
+    unstacked = m2.unstack_layers(params)
+    assert isinstance(unstacked["layers"], tuple) and len(unstacked["layers"]) == cfg.num_layers
+    tokens = jnp.asarray([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], jnp.int32)
+    results = []
+    for p in (params, unstacked):
+        logits, cache = step_fn(p, cfg, tokens, positions_like(tokens), m2.init_cache(cfg, 2))
+        step_logits, cache = feed_one_by_one(p, cfg, tokens[:, :2], cache)
+        results.append((logits, step_logits, cache.ssm, cache.conv))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_decode_step_is_one_program_for_every_position(tiny):
     """The T == 1 cached forward compiles once whatever the context, and it is the recurrence, not a chunk."""
     cfg, params = tiny
