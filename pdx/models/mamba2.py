@@ -299,8 +299,8 @@ def rewind(params: dict, cfg: Config, cache: Mamba2Cache, trace: StateTrace, n: 
     n = n.astype(jnp.int32)
     keep = jnp.arange(t)[None, :, None] < n[:, None, None]  # [B, T, 1]
 
-    def layer(p_conv_ssm):
-        A_log, conv, ssm, conv_in, x, dt, B = p_conv_ssm
+    def layer(inputs):
+        A_log, conv, ssm, conv_in, x, dt, B = inputs
         padded = jnp.concatenate([conv, conv_in.astype(conv.dtype)], axis=1)  # [B, K-1+T, Cv]
         A = -jnp.exp(A_log.astype(jnp.float32))
         _, ssm = ssd_chunked(x, jnp.where(keep, dt, 0.0), A, B, B, t, ssm)  # outputs unused: C is a placeholder
@@ -308,7 +308,6 @@ def rewind(params: dict, cfg: Config, cache: Mamba2Cache, trace: StateTrace, n: 
 
     layers = params["layers"]
     A_log = layers["A_log"] if isinstance(layers, dict) else jnp.stack([p["A_log"] for p in layers])  # [L, H]
-    conv, ssm = lax.map(layer, (A_log, cache.conv, cache.ssm, trace.conv_in, trace.x, trace.dt,
-                                trace.B))
+    conv, ssm = lax.map(layer, (A_log, cache.conv, cache.ssm, trace.conv_in, trace.x, trace.dt, trace.B))
     return Mamba2Cache(conv, ssm, cache.lengths + n)
 
