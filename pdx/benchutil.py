@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -11,18 +12,32 @@ import jax
 import jax.numpy as jnp
 
 
-def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: best of `repeats` jitted sums over a `gib` GiB fp32 array."""
-    x = jnp.ones((int(gib * (1 << 30)) // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
+def best_time(fn, repeats: int) -> float:
+    """Best wall time in seconds of `repeats` calls of `fn` (which must block on its result)."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        total(x).block_until_ready()
+        fn()
         best = min(best, time.perf_counter() - t0)
-    del x
-    return gib * (1 << 30) / best / 1e9
+    return best
+
+
+@functools.cache
+def _probe(gib: float):
+    x = jnp.ones((int(gib * (1 << 30)) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x, total
+
+
+def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Streaming read bandwidth in GB/s right now: best of `repeats` jitted sums over a `gib` GiB fp32 array.
+
+    The array is kept, so benchmarks can re-measure next to each timing (on a shared machine the
+    bandwidth moves by 2x within minutes).
+    """
+    x, total = _probe(gib)
+    return x.nbytes / best_time(lambda: total(x).block_until_ready(), repeats) / 1e9
 
 
 def tree_bytes(tree) -> int:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdx import benchutil
 from pdx.kernels_pallas import decode_attention as da
 from pdx.kernels_pallas import flash_attention as fa
 from pdx.kernels_pallas.block_mask import skip_stats
@@ -38,16 +39,6 @@ MODES = {  # name: (mode, window, sinks)
     "causal + window 1024": (CAUSAL, 1024, 0),
     "block_causal(32) + window 1024": (MaskMode("block_causal", 32), 1024, 0),
 }
-
-
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls of `fn` (which blocks on its result)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def compiled(fn, *args):
@@ -109,7 +100,7 @@ def time_paths(row: dict, paths: dict, args: tuple, repeats: int) -> dict:
     """Add `<path>_ms` and `<path>_compile_s` for each path (a function of `args`) to `row`."""
     for name, fn in paths.items():
         exe, compile_s = compiled(fn, *args)
-        row[f"{name}_ms"] = 1e3 * timed(lambda exe=exe: exe(*args).block_until_ready(), repeats)
+        row[f"{name}_ms"] = 1e3 * benchutil.best_time(lambda exe=exe: exe(*args).block_until_ready(), repeats)
         row[f"{name}_compile_s"] = compile_s
     if "pallas_ms" in row:
         row["speedup"] = row["reference_ms"] / row["pallas_ms"]
@@ -151,12 +142,12 @@ def markdown(result: dict) -> str:
     ]) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/attention")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu-pallas", action="store_true", help="time the Triton layout on GPU (not verified)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     backend = jax.default_backend()
     accel = backend == "tpu" or (backend == "gpu" and args.gpu_pallas)
     if accel:

@@ -23,36 +23,15 @@ import numpy as np
 from jax import lax
 from tqdm import tqdm
 
+from pdx import benchutil
 from pdx.models import mamba2 as m2
 
 PREFILL_PIECE = 2048  # longer contexts are prefilled in pieces of this many tokens (bounds the chunk-scan memory)
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls of `fn` (which blocks on its result)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.cache
-def _gib() -> tuple[jax.Array, object]:
-    x = jnp.ones((1 << 28,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    return x, total
-
-
 def measure_bandwidth(repeats: int = 3) -> float:
-    """Bytes/s of a jitted fp32 sum over 1 GiB: the machine's streaming read bandwidth right now.
-
-    Measured next to every decode timing: on a shared machine it moves by 2x within minutes.
-    """
-    x, total = _gib()
-    return x.nbytes / timed(lambda: total(x).block_until_ready(), repeats)
+    """Bytes/s of the streaming-read probe, measured next to every decode timing."""
+    return benchutil.memory_bandwidth_gbs(repeats=repeats) * 1e9
 
 
 def weight_bytes(params: dict, cfg: m2.Config) -> int:
@@ -253,7 +232,7 @@ def write_outputs(report: dict, out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "mamba2.png"), dpi=120)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timing")
@@ -261,7 +240,7 @@ def main():
     parser.add_argument("--torch-threads", type=int, default=1, help="1 avoids spin contention on a shared 2-core box")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     cfg = m2.MAMBA2_130M
     params = jax.jit(m2.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
