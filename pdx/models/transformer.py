@@ -118,8 +118,12 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCa
 
 def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Write `new [L, B, K, T, H]` into `buf [L, B, K, S, H]` at slot `starts[b]` of each row."""
-    write = lambda b, n, s: lax.dynamic_update_slice(b, n.astype(b.dtype), (0, 0, s, 0))  # noqa: E731
-    return jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)(buf, new, starts)
+    # One in-place update per row (B is static and small); a vmap here moves the batch axis and
+    # makes XLA CPU copy the whole cache twice per step.
+    new = new.astype(buf.dtype)
+    for b in range(buf.shape[1]):
+        buf = lax.dynamic_update_slice(buf, new[:, b : b + 1], (0, b, 0, starts[b], 0))
+    return buf
 
 
 def hidden_states(
