@@ -14,6 +14,10 @@ from pdx.errors import InvalidInputError
 # name -> ("module:function", one-line description)
 STRATEGIES: dict[str, tuple[str, str]] = {
     "ar": ("pdx.decoding.ar:generate", "autoregressive: greedy or temperature/top-k/top-p/min-p sampling"),
+    "llada": ("pdx.decoding.diffusion.llada:generate",
+              "dLLM (LLaDA): fixed steps per block, low-confidence/random remasking, CFG, optional KV cache"),
+    "fast-dllm": ("pdx.decoding.diffusion.fast_dllm:generate",
+                  "dLLM (Fast-dLLM): confidence-threshold / factor parallel decoding with prefix or dual KV cache"),
 }
 
 

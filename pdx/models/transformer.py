@@ -129,6 +129,7 @@ def hidden_states(
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
@@ -137,6 +138,8 @@ def hidden_states(
     `cache.lengths[b] ...`, every query also sees the cached slots `< lengths[b]` (cached slot s
     holds position s), and `lengths` advances by the number of valid tokens, so `valid` must be a
     per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
+    `cache_visible [B, S]` (optional) replaces `slot < lengths[b]` as the set of cached slots the
+    queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
@@ -147,7 +150,7 @@ def hidden_states(
     windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
     if cache is not None:
         slot_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-        slot_valid = slot_pos < cache.lengths[:, None]  # [B, S]
+        slot_valid = slot_pos < cache.lengths[:, None] if cache_visible is None else cache_visible  # [B, S]
 
     def layer(x, xs):
         p, window, cached = xs
@@ -195,7 +198,8 @@ def forward(
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible)
     return lm_head(params, cfg, x), cache
