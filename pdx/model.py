@@ -48,14 +48,18 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     """
     import jax.numpy as jnp
 
-    from pdx.io import gguf_file, hf_checkpoint, tokenizer
+    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, tokenizer
     from pdx.models import transformer
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
+    family = transformer
     if os.path.isdir(path):
-        cfg, params = hf_checkpoint.load_hf_dir(path)
+        if dllm_hf.model_type(path) in dllm_hf.DLLM_TYPES:  # LLaDA / Dream checkpoint formats
+            cfg, params, family = dllm_hf.load(path)
+        else:
+            cfg, params = hf_checkpoint.load_hf_dir(path)
         tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     elif os.path.isfile(path):
         cfg, params, reader = gguf_file.load_gguf(path)
@@ -63,7 +67,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     else:
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
     params = {k: _to_jax(v, getattr(jnp, dtype)) for k, v in params.items()}
-    return Model(cfg=cfg, params=params, tokenizer=tok, family=transformer, source=path)
+    return Model(cfg=cfg, params=params, tokenizer=tok, family=family, source=path)
 
 
 def _to_jax(tree, dtype):

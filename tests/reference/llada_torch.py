@@ -45,9 +45,11 @@ def _count(conf: list[float], masked: int, step: int, mode: str, steps: int, blo
 
 @torch.no_grad()
 def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: int, mask_id: int, eos_ids, pad_id: int,
-           mode: str, steps: int = 0, knob: float = 0.0, attention: str = "bidirectional", cfg_scale: float = 0.0):
+           mode: str, steps: int = 0, knob: float = 0.0, attention: str = "bidirectional", cfg_scale: float = 0.0,
+           logit_shift: int = 0):
     """mode: "schedule" (LLaDA, `steps` per block), "threshold" (knob = tau) or "factor" (knob = f).
-    cfg_scale > 0: classifier-free guidance against the canvas with the prompt masked out."""
+    cfg_scale > 0: classifier-free guidance against the canvas with the prompt masked out.
+    logit_shift = 1: slot i is predicted by the logits at i - 1 (Dream)."""
     b, p = len(prompts), prompt_width
     w = p + gen_length
     x = torch.full((b, w), pad_id, dtype=torch.long)
@@ -65,10 +67,11 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
         lo, hi = p + blk * block_size, p + (blk + 1) * block_size
         step = 0
         while any(not done[r] and (x[r, lo:hi] == mask_id).any() for r in range(b)):
-            logits = model(x, attention_mask=attn, position_ids=positions).logits[:, lo:hi].double()
+            window = slice(lo - logit_shift, hi - logit_shift)
+            logits = model(x, attention_mask=attn, position_ids=positions).logits[:, window].double()
             if cfg_scale > 0:
                 uncond = torch.where(valid & (torch.arange(w) < p), mask_id, x)
-                un = model(uncond, attention_mask=attn, position_ids=positions).logits[:, lo:hi].double()
+                un = model(uncond, attention_mask=attn, position_ids=positions).logits[:, window].double()
                 logits = un + (cfg_scale + 1) * (logits - un)
             logits[..., mask_id] = float("-inf")
             probs = torch.softmax(logits, -1)
