@@ -42,19 +42,22 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
-    """Load a GGUF file or an HF checkpoint directory (default: SmolLM2-135M-Instruct).
+    """Load a GGUF file, an HF checkpoint directory (Llama family, LLaDA, Dream) or a tiny dLLM
+    checkpoint written by `pdx.io.orbax_checkpoint` (default: SmolLM2-135M-Instruct).
 
     dtype: "float32" or "bfloat16" storage for the weights.
     """
     import jax.numpy as jnp
 
-    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, tokenizer
+    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, orbax_checkpoint, tokenizer
     from pdx.models import transformer
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
     family = transformer
+    if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
+        return orbax_checkpoint.load_dllm(path)[0]
     if os.path.isdir(path):
         if dllm_hf.model_type(path) in dllm_hf.DLLM_TYPES:  # LLaDA / Dream checkpoint formats
             cfg, params, family = dllm_hf.load(path)

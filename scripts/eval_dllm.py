@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from pdx.decoding.diffusion import fast_dllm, llada  # noqa: E402
-from pdx.train import checkpoint, tasks  # noqa: E402
+from pdx.io import orbax_checkpoint as checkpoint  # noqa: E402
+from pdx.train import tasks  # noqa: E402
 
 BLOCK = 16
 
@@ -43,6 +44,8 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
                  dict(threshold=t, cache=cache, block_size=BLOCK)) for t in (0.99, 0.9, 0.7, 0.5)]
     out += [(f"factor {f} dual", "factor+dual", fast_dllm.generate, dict(factor=f, cache="dual", block_size=BLOCK))
             for f in (1.0, 2.0, 4.0)]
+    out += [(f"threshold {t} dual, block {gen}", f"threshold+dual block {gen}", fast_dllm.generate,
+             dict(threshold=t, cache="dual", block_size=gen)) for t in (0.9, 0.7, 0.5)]
     return out
 
 

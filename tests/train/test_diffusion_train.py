@@ -10,9 +10,10 @@ import optax
 import pytest
 
 from pdx.errors import ModelLoadError
+from pdx.io import orbax_checkpoint as checkpoint
 from pdx.models import transformer as tf
 from pdx.models.layers import MaskMode
-from pdx.train import checkpoint, diffusion, tasks
+from pdx.train import diffusion, tasks
 
 CFG = tf.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                 num_kv_heads=2, head_dim=16, mask_token_id=tasks.MASK, eos_token_ids=(tasks.EOS,), pad_token_id=0)

@@ -15,6 +15,8 @@ from pdx.errors import ModelLoadError
 from pdx.models import transformer
 from pdx.models.layers import RopeScaling
 
+META = "meta.json"
+
 
 def config_to_json(cfg: transformer.Config) -> dict:
     return dataclasses.asdict(cfg)
@@ -41,7 +43,7 @@ def save(path: str | os.PathLike, params: dict, cfg: transformer.Config, meta: d
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(tmp, "params"), jax.device_get(params))
         ckpt.wait_until_finished()
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
+    with open(os.path.join(tmp, META), "w") as f:
         json.dump({"config": config_to_json(cfg), **meta}, f, indent=1)
     if os.path.exists(path):
         os.rename(path, old)
@@ -54,7 +56,7 @@ def load(path: str | os.PathLike) -> tuple[dict, transformer.Config, dict]:
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    meta_file = os.path.join(path, "meta.json")
+    meta_file = os.path.join(path, META)
     if not os.path.isfile(meta_file):
         raise ModelLoadError(f"{path} is not a pdx dLLM checkpoint (no meta.json)")
     with open(meta_file) as f:
