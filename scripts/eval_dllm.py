@@ -1,13 +1,13 @@
 """Accuracy vs NFE and wall-clock of the dLLM decoders on the tiny trained dLLMs (held-out task instances).
 
-For each task of the synthetic suite (pdx/train/tasks.py) and each decoding setting: LLaDA with
-1 token per step (the baseline) and with fewer fixed steps, Fast-dLLM threshold / factor decoding
+For each task of the synthetic suite (pdx/train/tasks.py), on its own tiny model, and each decoding
+setting: LLaDA with 1 token per step (the baseline) and with fewer fixed steps, Fast-dLLM threshold / factor decoding
 with no cache, prefix cache and dual cache, on the bidirectional model, and the exact caches on the
 block-diffusion model. NFE per token counts each row's forward passes (what the row would cost
 alone) over its generated tokens (up to and including EOS). Writes JSON, a markdown table and an
 accuracy-vs-NFE plot under bench/.
 
-    nice -n 10 python scripts/eval_dllm.py [--n 64] [--ckpt checkpoints/tiny_dllm] [--out bench/dllm_eval]
+    nice -n 10 python scripts/eval_dllm.py [--n 200] [--ckpt checkpoints/tiny_dllm] [--out bench/dllm_eval]
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
     return out
 
 
-def evaluate(model, task_names, n: int, runs, gen: int) -> list[dict]:
+def evaluate(models: dict, n: int, runs, gen: int) -> list[dict]:
+    """Every setting on every task, each task on its own model (`models[task]`)."""
     rows = []
-    data = {name: tasks.held_out(name, n) for name in task_names}
+    data = {name: tasks.held_out(name, n) for name in models}
     for label, family, fn, options in runs:
-        for name in task_names:
+        for name, model in models.items():
             prompts = [p for p, _ in data[name]]
             t0 = time.perf_counter()
             result = fn(model, prompts, max_new_tokens=gen, prompt_bucket=tasks.PROMPT_LEN, **options)
@@ -107,7 +108,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", default="checkpoints/tiny_dllm")
-    ap.add_argument("--n", type=int, default=64, help="held-out instances per task")
+    ap.add_argument("--n", type=int, default=200, help="held-out instances per task")
     ap.add_argument("--tasks", default=",".join(tasks.TASKS))
     ap.add_argument("--models", default="bidirectional,block_causal")
     ap.add_argument("--out", default="bench/dllm_eval")
@@ -115,9 +116,11 @@ def main(argv=None) -> int:
     names = args.tasks.split(",")
     rows = []
     for kind in args.models.split(","):
-        model, meta = checkpoint.load_dllm(os.path.join(args.ckpt, kind))
-        for r in evaluate(model, names, args.n, settings(kind, meta["gen_len"]), meta["gen_len"]):
-            rows.append({"model": kind, **r})
+        paths = {name: os.path.join(args.ckpt, kind, name) for name in names}
+        models = {name: checkpoint.load_dllm(path)[0] for name, path in paths.items() if os.path.isdir(path)}
+        if models:
+            for r in evaluate(models, args.n, settings(kind, tasks.GEN_LEN), tasks.GEN_LEN):
+                rows.append({"model": kind, **r})
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(n=args.n, rows=rows), f, indent=1)
