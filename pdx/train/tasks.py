@@ -1,9 +1,10 @@
 """A synthetic ParallelBench-like task suite for tiny dLLMs.
 
 Easy tasks for parallel decoding (every answer token is determined by the prompt alone): copy,
-reverse, sort. Hard ones (answer tokens depend on each other): multi-digit addition (carries), a
-constrained choice (answer any one of several listed words: decoding the letters independently
-mixes words) and a 4x4 sudoku (cells constrain each other; several completions may be valid).
+shift (a Caesar shift of each letter), reverse, sort. Hard ones (answer tokens depend on each
+other): multi-digit addition (carries), a constrained choice (answer any one of several listed
+words: decoding the letters independently mixes words) and a 4x4 sudoku (cells constrain each
+other; several completions may be valid).
 
 One shared vocabulary of 48 ids; each example is a prompt and an answer, and the model is trained
 to write `answer + EOS` padded with EOS to the generation length (LLaDA's SFT recipe).
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 PAD, EOS, SEP, PLUS, SLASH, BLANK = 0, 1, 2, 3, 4, 5
-TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11}
+TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38}
 DIGIT0, LETTER0, NUM_LETTERS = 12, 22, 16
 MASK = 47
 VOCAB_SIZE = 48
@@ -49,6 +50,15 @@ EASY_LEN = 24  # fixed answer length of the easy tasks: 25 tokens with EOS, so 1
 def _copy(rng):
     s = _letters(rng, EASY_LEN)
     return [TASK_IDS["copy"], *s, SEP], s
+
+
+def _shift_letters(s: list[int]) -> list[int]:
+    return [LETTER0 + (t - LETTER0 + 3) % NUM_LETTERS for t in s]
+
+
+def _shift(rng):
+    s = _letters(rng, EASY_LEN)
+    return [TASK_IDS["shift"], *s, SEP], _shift_letters(s)
 
 
 def _reverse(rng):
@@ -127,6 +137,8 @@ def _answer_of(prompt: list[int]) -> list[int]:
     body = prompt[1:-1]
     if kind == "copy":
         return body
+    if kind == "shift":
+        return _shift_letters(body)
     if kind == "reverse":
         return body[::-1]
     if kind == "sort":
@@ -138,6 +150,7 @@ def _answer_of(prompt: list[int]) -> list[int]:
 
 TASKS = {
     "copy": Task("copy", True, _copy, _exact),
+    "shift": Task("shift", True, _shift, _exact),
     "reverse": Task("reverse", True, _reverse, _exact),
     "sort": Task("sort", True, _sort, _exact),
     "add": Task("add", False, _add, _exact),
