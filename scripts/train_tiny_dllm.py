@@ -27,7 +27,8 @@ TINY = transformer.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=64, intermedi
                           eos_token_ids=(tasks.EOS,), pad_token_id=tasks.PAD, mask_token_id=tasks.MASK)
 BLOCK = 16
 STEPS = {  # training steps per (attention, task)
-    "bidirectional": dict(copy=400, shift=400, choice=500, add=1000, sudoku=800, sort=600, reverse=600),
+    "bidirectional": dict(copy=400, shift=400, choice=500, add=1000, sudoku=800, sort=600, reverse=600,
+                          repeat=500),
     "block_causal": dict(copy=400, choice=600),
 }
 

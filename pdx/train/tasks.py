@@ -3,8 +3,9 @@
 Easy tasks for parallel decoding (every answer token is determined by the prompt alone): copy,
 shift (a Caesar shift of each letter), reverse, sort. Hard ones (answer tokens depend on each
 other): multi-digit addition (carries), a constrained choice (answer any one of several listed
-words: decoding the letters independently mixes words) and a 4x4 sudoku (cells constrain each
-other; several completions may be valid).
+words: decoding the letters independently mixes words), repeat (write any one of four listed
+letters 12 times: each slot alone is a 4-way coin flip, together they must agree) and a 4x4
+sudoku (cells constrain each other; several completions may be valid).
 
 One shared vocabulary of 48 ids; each example is a prompt and an answer, and the model is trained
 to write `answer + EOS` padded with EOS to the generation length (LLaDA's SFT recipe).
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 PAD, EOS, SEP, PLUS, SLASH, BLANK = 0, 1, 2, 3, 4, 5
-TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38}
+TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38, "repeat": 39}
 DIGIT0, LETTER0, NUM_LETTERS = 12, 22, 16
 MASK = 47
 VOCAB_SIZE = 48
@@ -96,6 +97,15 @@ def _choice_words(prompt: list[int]) -> list[list[int]]:
     return words
 
 
+def _repeat(rng):
+    letters = _letters(rng, 4)
+    return [TASK_IDS["repeat"], *letters, SEP], [letters[int(rng.integers(0, 4))]] * 12
+
+
+def _repeat_ok(prompt, out) -> bool:
+    return len(out) == 12 and len(set(out)) == 1 and out[0] in prompt[1:5]
+
+
 _SHIDOKU = np.array([[0, 1, 2, 3], [2, 3, 0, 1], [1, 0, 3, 2], [3, 2, 1, 0]])
 
 
@@ -156,6 +166,7 @@ TASKS = {
     "add": Task("add", False, _add, _exact),
     "choice": Task("choice", False, _choice, lambda prompt, out: out in _choice_words(prompt)),
     "sudoku": Task("sudoku", False, _sudoku, _sudoku_ok),
+    "repeat": Task("repeat", False, _repeat, _repeat_ok),
 }
 
 
