@@ -113,4 +113,4 @@ def test_optimizer_schedule_warms_up():
     params = {"w": jnp.ones(3)}
     state = opt.init(params)
     updates, _ = opt.update({"w": jnp.ones(3)}, state, params)
-    assert float(optax.global_norm(updates)) < 1e-6  # learning rate 0 at step 0
+    assert float(optax.tree.norm(updates)) < 1e-6  # learning rate 0 at step 0
