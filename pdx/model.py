@@ -42,7 +42,8 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
-    """Load a GGUF file or an HF checkpoint directory (default: SmolLM2-135M-Instruct).
+    """Load a GGUF file, an HF checkpoint directory (Llama family, LLaDA, Dream) or a tiny dLLM
+    checkpoint written by `pdx.io.orbax_checkpoint` (default: SmolLM2-135M-Instruct).
 
     dtype: weight storage, "float32", "bfloat16" or "int8" (weight-only, per-channel scales).
     On CPU the layers come unstacked (a list of per-layer dicts, see `transformer.unstack_layers`);
@@ -51,17 +52,21 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     import jax
     import jax.numpy as jnp
 
-    from pdx.io import gguf_file, hf_checkpoint, mamba2_checkpoint, tokenizer
+    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, mamba2_checkpoint, orbax_checkpoint, tokenizer
     from pdx.models import mamba2, transformer
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
     family = transformer
+    if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
+        return orbax_checkpoint.load_dllm(path)[0]
     if os.path.isdir(path):
         if mamba2_checkpoint.is_mamba2_dir(path):  # Mamba-2: HF (model_type "mamba2") or state-spaces naming
             cfg, params = mamba2_checkpoint.load(path)
             family = mamba2
+        elif dllm_hf.model_type(path) in dllm_hf.DLLM_TYPES:  # LLaDA / Dream checkpoint formats
+            cfg, params, family = dllm_hf.load(path)
         else:
             cfg, params = hf_checkpoint.load_hf_dir(path)
         tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None

@@ -21,6 +21,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "spec-layerskip": ("pdx.decoding.speculative.strategies:spec_layerskip",
                        "speculative, the target minus some layers drafts "
                        "(options: skip=[...]|auto, num_skip, k, adaptive)"),
+    "llada": ("pdx.decoding.diffusion.llada:generate",
+              "dLLM (LLaDA): fixed steps per block, low-confidence/random remasking, CFG, optional KV cache"),
+    "fast-dllm": ("pdx.decoding.diffusion.fast_dllm:generate",
+                  "dLLM (Fast-dLLM): confidence-threshold / factor parallel decoding with prefix or dual KV cache"),
 }
 
 

@@ -84,6 +84,7 @@ def config_from_hf(hf: dict) -> Config:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
             pad_token_id=hf.get("pad_token_id"),
+            mask_token_id=hf.get("mask_token_id"),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required key {e}") from e

@@ -28,16 +28,20 @@ def attend(
     window: jax.Array | int,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
+    cache_visible: jax.Array | None = None,
     impl: str | None = None,
 ) -> jax.Array:
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
-    lengths [B])` -> `[B, T, N, H]`. `impl` as in `_core.resolve` (None: the module setting)."""
+    lengths [B])` -> `[B, T, N, H]`. `cache_visible [B, S]` overrides `slot < lengths` as the set of
+    cached slots that may be attended (dLLM dual cache). `impl` as in `_core.resolve` (None: the
+    module setting)."""
     path, interpret = _core.resolve(impl, q)
     if path == "reference":
         segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
         if cache is not None:
             ck, cv, lengths = cache
             slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
+            slot_valid = slot_valid if cache_visible is None else cache_visible
             segments.insert(0, (ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window)))
         return layers.attention(q, segments)
     out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, return_lse=True,
@@ -46,11 +50,12 @@ def attend(
         return out
     ck, cv, lengths = cache
     t, n = q.shape[1], q.shape[2]
-    if (n // ck.shape[1]) * t <= decode_attention.MAX_ROWS:
+    if cache_visible is None and (n // ck.shape[1]) * t <= decode_attention.MAX_ROWS:
         cached = decode_attention.pallas(q, ck, cv, q_pos, lengths, mode, window, return_lse=True,
                                          interpret=interpret)
     else:
         slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
+        slot_valid = slot_valid if cache_visible is None else cache_visible
         cached = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, return_lse=True,
                                         interpret=interpret)
     o, _ = _core.merge(jnp.stack([cached[0], out]), jnp.stack([cached[1], lse]), axis=0)

@@ -134,6 +134,7 @@ def hidden_states(
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
@@ -142,6 +143,8 @@ def hidden_states(
     `cache.lengths[b] ...`, every query also sees the cached slots `< lengths[b]` (cached slot s
     holds position s), and `lengths` advances by the number of valid tokens, so `valid` must be a
     per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
+    `cache_visible [B, S]` (optional) replaces `slot < lengths[b]` as the set of cached slots the
+    queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
@@ -167,7 +170,8 @@ def hidden_states(
             q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
             # Attention over the cached slots (k, v [B, K, S, H]) and the new keys, via the kernel dispatch.
-            o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths))
+            o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
+                       cache_visible=cache_visible)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
@@ -228,7 +232,8 @@ def forward(
     cache: KVCache | None = None,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible)
     return lm_head(params, cfg, x), cache

@@ -1,0 +1,332 @@
+"""The shared dLLM decoding loop: one jitted `lax.while_loop` over denoising steps.
+
+Canvas layout (static shapes): every row is `[left padding | prompt | G generated slots]` of width
+W = P + G, where P is the longest prompt rounded up to a multiple of the block size (and of
+`prompt_bucket`, to share compiles). Positions are column indices, so cache slot s holds position s
+and block-causal attention blocks line up with decoding blocks; left padding is never attended to
+and never decoded. Generated blocks sit at the same columns in every row, so slicing is static.
+
+Per step: one model pass (full canvas, or the current block against a prefix / dual KV cache), the
+block's logits become candidates and confidences, the policy picks positions to commit. A block
+ends once no active row has a mask left in it. A row stops (is frozen) once the stop rule holds:
+by default an EOS is committed and every slot before it is decoded (`eos_stop`; Learn2PD's
+End-of-Text predictor plugs in as another `Spec.stop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import types
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pdx.decoding.diffusion import policies
+from pdx.decoding.result import GenerationResult
+from pdx.errors import ConfigError, require
+from pdx.models.layers import BIDIRECTIONAL, MaskMode
+
+CACHE_MODES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+ATTENTION = ("bidirectional", "block_causal")
+
+
+def eos_stop(gen: jax.Array, mask_id: int, eos_ids: tuple[int, ...]) -> jax.Array:
+    """Bool `[B]`: some EOS is committed in `gen [B, G]` and every slot before it is decoded."""
+    if not eos_ids:
+        return jnp.zeros(gen.shape[:1], bool)
+    undecoded_before = jnp.cumsum(gen == mask_id, axis=-1) > 0  # [B, G], inclusive
+    return jnp.any(jnp.isin(gen, jnp.asarray(eos_ids)) & ~undecoded_before, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything static about one decode: shapes, policy, cache mode. Hashable; one compile each."""
+
+    family: types.ModuleType  # model protocol module (init_cache, forward)
+    prompt_width: int  # P
+    gen_length: int  # G
+    block_size: int  # K
+    policy: object  # see policies.py
+    remasking: str = "low_confidence"
+    cache: str = "none"
+    attention: str = "bidirectional"
+    guidance: bool = False  # classifier-free guidance (its scale is a traced knob)
+    logit_shift: int = 0  # 1 where logits at position i predict token i + 1 (Dream)
+    stop: Callable = eos_stop
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_size
+
+    @property
+    def mask_mode(self) -> MaskMode:
+        return BIDIRECTIONAL if self.attention == "bidirectional" else MaskMode("block_causal", self.block_size)
+
+    @property
+    def cache_slots(self) -> int:
+        """Prefix mode feeds a fixed G-token window (block + suffix) that may run G - K past the canvas."""
+        w = self.prompt_width + self.gen_length
+        return w + self.gen_length - self.block_size + self.logit_shift if self.cache == "prefix" else w
+
+
+# ---------------------------------------------------------------------------------------------
+# Model passes. Each returns the current block's logits [B, K, V] and the updated cache.
+
+
+def _positions(cols: jax.Array, b: int) -> jax.Array:
+    return jnp.broadcast_to(cols, (b, cols.shape[0]))
+
+
+def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
+    """Whole canvas `x [B, W]`; with a cache, (re)fills every slot (a per-block refresh)."""
+    b, w = x.shape
+    visible = None
+    if cache is not None:
+        cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
+        visible = jnp.zeros((b, cache.max_len), bool)  # a fresh pass sees no cached slots
+    logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, spec.mask_mode,
+                                        valid, visible)
+    return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
+
+
+def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
+    """Only the current block (dual) or block + suffix (prefix) against the cache.
+
+    The window starts `logit_shift` columns early so its first logits predict the block's first
+    slot. Prefix mode: the window's queries see cached slots before the window. Dual mode: also the
+    cached suffix after it. The window's fresh keys overwrite its own slots, which no query reads.
+    """
+    b, w = x.shape
+    k, shift = spec.block_size, spec.logit_shift
+    n = (spec.gen_length if spec.cache == "prefix" else k) + shift
+    lo = start - shift
+    pad = n - k - shift  # the prefix window may run past the canvas: padding, never attended
+    xp = jnp.pad(x, ((0, 0), (0, pad)))
+    vp = jnp.pad(valid, ((0, 0), (0, pad)))
+    tokens = lax.dynamic_slice_in_dim(xp, lo, n, axis=1)  # [B, n]
+    tok_valid = lax.dynamic_slice_in_dim(vp, lo, n, axis=1)
+    slots = jnp.arange(cache.max_len)
+    slot_valid = jnp.pad(valid, ((0, 0), (0, cache.max_len - w)))  # [B, S]
+    seen = slots < lo
+    if spec.cache == "dual":
+        seen |= slots >= lo + n
+    cache = dataclasses.replace(cache, lengths=jnp.full((b,), lo, jnp.int32))
+    logits, cache = spec.family.forward(params, cfg, tokens, _positions(lo + jnp.arange(n), b), cache,
+                                        spec.mask_mode, tok_valid, slot_valid & seen[None])
+    return logits[:, :k], cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _candidates(spec: Spec, logits, masked, key, knobs, mask_id: int):
+    """Candidate tokens `[B, K]` (Gumbel-max sampling at `temperature`, argmax at 0) and confidences.
+
+    The mask token itself is never a candidate (its logit is dropped before sampling and softmax)."""
+    logits = logits.at[..., mask_id].set(-jnp.inf)
+    kg, kr = jax.random.split(key)
+    noise = jax.random.gumbel(kg, logits.shape, logits.dtype)
+    x0 = jnp.argmax(logits + knobs["temperature"] * noise, axis=-1).astype(jnp.int32)  # [B, K]
+    if spec.remasking == "low_confidence":
+        probs = jax.nn.softmax(logits, axis=-1)
+        conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    else:
+        conf = jax.random.uniform(kr, x0.shape)
+    return x0, jnp.where(masked, conf, -jnp.inf)
+
+
+def decode(params, cfg, spec: Spec, x, valid, prompt, key, knobs):
+    """Denoise the generated region of `x [B, W]` (valid, prompt: [B, W] bool). Returns a dict:
+    x [B, W], commit_step [B, G] (the step each slot was committed at, -1 if never), nfe,
+    steps, steps_per_block [num_blocks], committed [B, G] (tokens committed per row per step) and
+    row_nfe [B] (steps in which the row still had masks in the block: what it would cost alone)."""
+    b, w = x.shape
+    p, g, k = spec.prompt_width, spec.gen_length, spec.block_size
+    mask_id = cfg.mask_token_id
+    rows = 2 * b if spec.guidance else b
+
+    def model_inputs(x):
+        if not spec.guidance:
+            return x, valid
+        unconditional = jnp.where(prompt, mask_id, x)  # prompt masked out (LLaDA's CFG)
+        return jnp.concatenate([x, unconditional]), jnp.concatenate([valid, valid])
+
+    def guided(logits):
+        if not spec.guidance:
+            return logits
+        cond, uncond = jnp.split(logits, 2)
+        return uncond + (knobs["cfg_scale"] + 1.0) * (cond - uncond)
+
+    cache = None
+    if spec.cache != "none":
+        cache = spec.family.init_cache(cfg, rows, spec.cache_slots, params["embed"].dtype)
+
+    def body(c):
+        start = p + c["block"] * k
+        xin, vin = model_inputs(c["x"])
+        if cache is None:
+            logits, new_cache = full_pass(params, cfg, spec, xin, vin, None, start)
+        else:
+            passes = [functools.partial(f, params, cfg, spec) for f in (cached_pass, full_pass)]
+            logits, new_cache = lax.cond(c["step"] == 0, passes[1], passes[0], xin, vin, c["cache"], start)
+        logits = guided(logits)
+        block = lax.dynamic_slice_in_dim(c["x"], start, k, axis=1)  # [B, K]
+        masked = (block == mask_id) & ~c["done"][:, None]
+        x0, conf = _candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
+        commit = spec.policy.commit(policies.StepContext(logits, x0, conf, masked, c["step"]), knobs) & masked
+        block = jnp.where(commit, x0, block)
+        xs = lax.dynamic_update_slice_in_dim(c["x"], block, start, axis=1)
+        when = lax.dynamic_slice_in_dim(c["commit_step"], start - p, k, axis=1)
+        commit_step = lax.dynamic_update_slice_in_dim(c["commit_step"], jnp.where(commit, c["t"], when),
+                                                      start - p, axis=1)
+        done = c["done"] | spec.stop(xs[:, p:], mask_id, cfg.eos_token_ids)
+        finished = ~jnp.any((block == mask_id) & ~done[:, None])
+        return dict(
+            x=xs, cache=new_cache, done=done, commit_step=commit_step,
+            committed=c["committed"].at[:, c["t"]].set(commit.sum(-1, dtype=jnp.int32)),
+            row_nfe=c["row_nfe"] + jnp.any(masked, -1).astype(jnp.int32),
+            steps_per_block=c["steps_per_block"].at[c["block"]].add(1),
+            block=c["block"] + finished.astype(jnp.int32), step=jnp.where(finished, 0, c["step"] + 1),
+            t=c["t"] + 1,
+        )
+
+    def cond(c):
+        return (c["block"] < spec.num_blocks) & ~jnp.all(c["done"]) & (c["t"] < g)
+
+    zero = jnp.zeros((), jnp.int32)
+    init = dict(x=x, cache=cache, done=jnp.zeros((b,), bool), commit_step=jnp.full((b, g), -1, jnp.int32),
+                committed=jnp.zeros((b, g), jnp.int32), row_nfe=jnp.zeros((b,), jnp.int32),
+                steps_per_block=jnp.zeros((spec.num_blocks,), jnp.int32),
+                block=zero, step=zero, t=zero)
+    out = lax.while_loop(cond, body, init)
+    return dict(x=out["x"], commit_step=out["commit_step"], nfe=out["t"], steps=out["t"],
+                steps_per_block=out["steps_per_block"], committed=out["committed"], row_nfe=out["row_nfe"])
+
+
+_decode_jit = jax.jit(decode, static_argnames=("cfg", "spec"))
+_COMPILED: dict = {}
+
+
+def _compiled(params, cfg, spec: Spec, *args):
+    """The executable for this (config, spec, shapes) bucket, compiled once; returns it and the compile time."""
+    sig = (cfg, spec, tuple((a.shape, a.dtype) for a in jax.tree.leaves((params, args))))
+    if sig in _COMPILED:
+        return _COMPILED[sig], 0.0
+    t0 = time.perf_counter()
+    _COMPILED[sig] = _decode_jit.lower(params, cfg, spec, *args).compile()
+    return _COMPILED[sig], time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: validation, canvas, result.
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def build_canvas(prompts: list[list[int]], gen_length: int, block_size: int, mask_id: int, pad_id: int,
+                 bucket: int = 16):
+    """Left-padded canvas `x [B, W]`, `valid [B, W]`, `prompt [B, W]` (numpy) and the prompt width P."""
+    p = _round_up(max(len(q) for q in prompts), math.lcm(block_size, bucket))
+    w = p + gen_length
+    x = np.full((len(prompts), w), pad_id, np.int32)
+    valid = np.zeros((len(prompts), w), bool)
+    prompt = np.zeros((len(prompts), w), bool)
+    for i, q in enumerate(prompts):
+        x[i, p - len(q) : p] = q
+        prompt[i, p - len(q) : p] = True
+    x[:, p:] = mask_id
+    valid[:] = prompt
+    valid[:, p:] = True
+    return x, valid, prompt, p
+
+
+def check_prompts(prompts, vocab_size: int, mask_id: int) -> None:
+    require(isinstance(prompts, list | tuple) and len(prompts) > 0, "prompts must be a non-empty list of token lists")
+    for q in prompts:
+        require(len(q) > 0, "every prompt needs at least one token")
+        require(all(0 <= int(t) < vocab_size for t in q), f"prompt token ids must be in [0, {vocab_size})")
+        require(mask_id not in q, f"prompts must not contain the mask token id {mask_id}")
+
+
+def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, policy, remasking: str = "low_confidence",
+        cache: str = "none", attention: str = "bidirectional", temperature: float = 0.0, threshold: float = 1.0,
+        factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16,
+        stop: Callable = eos_stop) -> GenerationResult:
+    """Validate, build the canvas, run the compiled loop and package a `GenerationResult`."""
+    cfg = model.cfg
+    mask_id = getattr(cfg, "mask_token_id", None)
+    require(mask_id is not None, "the model config has no mask_token_id: it is not a masked-diffusion LLM "
+            "(set mask_token_id in config.json)", ConfigError)
+    check_shape(max_new_tokens, block_size)
+    require(cache in CACHE_MODES, f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    require(remasking in REMASKING, f"remasking must be one of {REMASKING}, got {remasking!r}")
+    require(attention in ATTENTION, f"attention must be one of {ATTENTION}, got {attention!r}")
+    require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    require(cfg_scale >= 0, f"cfg_scale must be >= 0, got {cfg_scale}")
+    check_prompts(prompts, cfg.vocab_size, mask_id)
+    shift = getattr(model.family, "DLLM_LOGIT_SHIFT", 0)
+    pad_id = next(t for t in (cfg.pad_token_id, *cfg.eos_token_ids, 0) if t is not None)
+    x, valid, prompt, p = build_canvas([list(q) for q in prompts], max_new_tokens, block_size, mask_id, pad_id,
+                                       prompt_bucket)
+    spec = Spec(model.family, p, max_new_tokens, block_size, policy, remasking, cache, attention, cfg_scale > 0,
+                shift, stop)
+    knobs = {name: jnp.float32(v) for name, v in
+             dict(temperature=temperature, threshold=threshold, factor=factor, cfg_scale=cfg_scale).items()}
+    args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(prompt), jax.random.PRNGKey(seed), knobs)
+    fn, compile_s = _compiled(model.params, cfg, spec, *args)
+    t0 = time.perf_counter()
+    out = jax.device_get(fn(model.params, *args))
+    decode_s = time.perf_counter() - t0
+    gen = out["x"][:, p:]
+    tokens, lengths = finish_rows(gen, mask_id, cfg.eos_token_ids, pad_id)
+    steps = int(out["steps"])
+    committed = out["committed"][:, :steps]
+    stats = dict(forward_passes=int(out["nfe"]), nfe=int(out["nfe"]), steps=steps,
+                 steps_per_block=out["steps_per_block"].tolist(), committed_per_step=committed.tolist(),
+                 row_nfe=out["row_nfe"].tolist(),
+                 tokens_per_step=float(committed.sum() / max(out["row_nfe"].sum(), 1)),
+                 commit_step=out["commit_step"], compile_s=compile_s, decode_s=decode_s)
+    return GenerationResult(tokens=tokens, lengths=lengths, stats=stats)
+
+
+def finish_rows(gen: np.ndarray, mask_id: int, eos_ids: tuple[int, ...], pad_id: int):
+    """Cut each row after its first EOS (the stop token included) and pad the rest: tokens [B, G], lengths [B]."""
+    tokens = np.array(gen, np.int32)
+    lengths = np.full(len(gen), gen.shape[1], np.int32)
+    for i, row in enumerate(gen):
+        hits = np.flatnonzero(np.isin(row, eos_ids)) if eos_ids else []
+        if len(hits):
+            lengths[i] = hits[0] + 1
+            tokens[i, hits[0] + 1 :] = pad_id
+    return tokens, lengths
+
+
+def check_shape(gen_length: int, block_size: int) -> None:
+    require(gen_length > 0 and block_size > 0, "max_new_tokens and block_size must be positive")
+    require(gen_length % block_size == 0,
+            f"max_new_tokens ({gen_length}) must be a multiple of block_size ({block_size})")
+
+
+def validate_threshold(threshold: float) -> None:
+    require(0 < threshold <= 1, f"threshold must be in (0, 1], got {threshold}")
+
+
+def validate_steps(steps: int, gen_length: int, block_size: int) -> int:
+    """Steps per block for LLaDA's fixed schedule."""
+    blocks = gen_length // block_size
+    require(steps >= blocks, f"steps ({steps}) must be at least the number of blocks ({blocks})")
+    require(steps % blocks == 0, f"steps ({steps}) must be a multiple of the number of blocks ({blocks})")
+    require(steps // blocks <= block_size,
+            f"steps per block ({steps // blocks}) cannot exceed block_size ({block_size}): at most one step per token")
+    return steps // blocks
+

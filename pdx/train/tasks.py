@@ -1,0 +1,187 @@
+"""A synthetic ParallelBench-like task suite for tiny dLLMs.
+
+Easy tasks for parallel decoding (every answer token is determined by the prompt alone): copy,
+shift (a Caesar shift of each letter), reverse, sort. Hard ones (answer tokens depend on each
+other): multi-digit addition (carries), a constrained choice (answer any one of several listed
+words: decoding the letters independently mixes words), repeat (write any one of four listed
+letters 12 times: each slot alone is a 4-way coin flip, together they must agree) and a 4x4
+sudoku (cells constrain each other; several completions may be valid).
+
+One shared vocabulary of 48 ids; each example is a prompt and an answer, and the model is trained
+to write `answer + EOS` padded with EOS to the generation length (LLaDA's SFT recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+PAD, EOS, SEP, PLUS, SLASH, BLANK = 0, 1, 2, 3, 4, 5
+TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38, "repeat": 39}
+DIGIT0, LETTER0, NUM_LETTERS = 12, 22, 16
+MASK = 47
+VOCAB_SIZE = 48
+PROMPT_LEN = 32  # every prompt fits; the training canvas is left-padded to this width
+GEN_LEN = 32  # answer + EOS padding
+
+
+def digits(n: int) -> list[int]:
+    return [DIGIT0 + int(c) for c in str(n)]
+
+
+def _letters(rng, n: int) -> list[int]:
+    return (LETTER0 + rng.integers(0, NUM_LETTERS, n)).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """`make(rng) -> (prompt, answer)`; `check(prompt, output) -> bool` (output without EOS)."""
+
+    name: str
+    easy: bool
+    make: Callable
+    check: Callable
+
+
+EASY_LEN = 24  # fixed answer length of the easy tasks: 25 tokens with EOS, so 10 per forward is reachable
+
+
+def _copy(rng):
+    s = _letters(rng, EASY_LEN)
+    return [TASK_IDS["copy"], *s, SEP], s
+
+
+def _shift_letters(s: list[int]) -> list[int]:
+    return [LETTER0 + (t - LETTER0 + 3) % NUM_LETTERS for t in s]
+
+
+def _shift(rng):
+    s = _letters(rng, EASY_LEN)
+    return [TASK_IDS["shift"], *s, SEP], _shift_letters(s)
+
+
+def _reverse(rng):
+    s = _letters(rng, EASY_LEN)
+    return [TASK_IDS["reverse"], *s, SEP], s[::-1]
+
+
+def _sort(rng):
+    s = (DIGIT0 + rng.integers(0, 10, EASY_LEN)).tolist()
+    return [TASK_IDS["sort"], *s, SEP], sorted(s)
+
+
+def _add(rng):
+    a, b = (int(rng.integers(10**9, 10**10)) for _ in range(2))
+    return [TASK_IDS["add"], *digits(a), PLUS, *digits(b), SEP], digits(a + b)
+
+
+def _choice(rng):
+    words = [_letters(rng, 5) for _ in range(4)]
+    prompt = [TASK_IDS["choice"]]
+    for w in words:
+        prompt += [*w, SLASH]
+    prompt[-1] = SEP
+    return prompt, words[int(rng.integers(0, 4))]
+
+
+def _choice_words(prompt: list[int]) -> list[list[int]]:
+    words, cur = [], []
+    for t in prompt[1:]:
+        if t in (SLASH, SEP):
+            words.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return words
+
+
+def _repeat(rng):
+    letters = _letters(rng, 4)
+    return [TASK_IDS["repeat"], *letters, SEP], [letters[int(rng.integers(0, 4))]] * 12
+
+
+def _repeat_ok(prompt, out) -> bool:
+    return len(out) == 12 and len(set(out)) == 1 and out[0] in prompt[1:5]
+
+
+_SHIDOKU = np.array([[0, 1, 2, 3], [2, 3, 0, 1], [1, 0, 3, 2], [3, 2, 1, 0]])
+
+
+def _sudoku_grid(rng) -> np.ndarray:
+    """A random valid 4x4 sudoku (rows, columns and 2x2 boxes hold 0..3 once) by validity-preserving symmetries."""
+    g = rng.permutation(4)[_SHIDOKU]
+    bands = [rng.permutation([0, 1]) + 2 * b for b in rng.permutation(2)]
+    g = g[np.concatenate(bands)]
+    stacks = [rng.permutation([0, 1]) + 2 * s for s in rng.permutation(2)]
+    g = g[:, np.concatenate(stacks)]
+    return g.T if rng.random() < 0.5 else g
+
+
+def _sudoku(rng):
+    g = _sudoku_grid(rng).reshape(-1)
+    cells = [DIGIT0 + 1 + int(v) for v in g]
+    blanks = rng.choice(16, int(rng.integers(4, 9)), replace=False)
+    puzzle = [BLANK if i in blanks else c for i, c in enumerate(cells)]
+    return [TASK_IDS["sudoku"], *puzzle, SEP], cells
+
+
+def _sudoku_ok(prompt, out) -> bool:
+    if len(out) != 16 or any(not DIGIT0 + 1 <= t <= DIGIT0 + 4 for t in out):
+        return False
+    if any(p != BLANK and p != o for p, o in zip(prompt[1:17], out)):
+        return False
+    g = np.array(out).reshape(4, 4)
+    groups = [*g, *g.T, *(g[r:r + 2, c:c + 2].reshape(-1) for r in (0, 2) for c in (0, 2))]
+    return all(len(set(x.tolist())) == 4 for x in groups)
+
+
+def _exact(prompt: list[int], out: list[int]) -> bool:
+    return out == _answer_of(prompt)
+
+
+def _answer_of(prompt: list[int]) -> list[int]:
+    """The unique answer of a deterministic task, recomputed from its prompt."""
+    kind = {v: k for k, v in TASK_IDS.items()}[prompt[0]]
+    body = prompt[1:-1]
+    if kind == "copy":
+        return body
+    if kind == "shift":
+        return _shift_letters(body)
+    if kind == "reverse":
+        return body[::-1]
+    if kind == "sort":
+        return sorted(body)
+    i = body.index(PLUS)
+    num = lambda ts: int("".join(str(t - DIGIT0) for t in ts))  # noqa: E731
+    return digits(num(body[:i]) + num(body[i + 1 :]))
+
+
+TASKS = {
+    "copy": Task("copy", True, _copy, _exact),
+    "shift": Task("shift", True, _shift, _exact),
+    "reverse": Task("reverse", True, _reverse, _exact),
+    "sort": Task("sort", True, _sort, _exact),
+    "add": Task("add", False, _add, _exact),
+    "choice": Task("choice", False, _choice, lambda prompt, out: out in _choice_words(prompt)),
+    "sudoku": Task("sudoku", False, _sudoku, _sudoku_ok),
+    "repeat": Task("repeat", False, _repeat, _repeat_ok),
+}
+
+
+def target(answer: list[int], gen_len: int = GEN_LEN) -> list[int]:
+    """What the model learns to write: the answer, then EOS up to the generation length."""
+    return answer + [EOS] * (gen_len - len(answer))
+
+
+def sample(rng: np.random.Generator, n: int, names=tuple(TASKS)) -> list[tuple[list[int], list[int]]]:
+    """`n` (prompt, answer) pairs, tasks drawn uniformly from `names`."""
+    return [TASKS[names[int(rng.integers(0, len(names)))]].make(rng) for _ in range(n)]
+
+
+def held_out(name: str, n: int, seed: int = 12345) -> list[tuple[list[int], list[int]]]:
+    """A fixed evaluation set (training draws from other seeds; collisions are astronomically unlikely
+    except for `sudoku`, whose small space the test set shares with training by design)."""
+    rng = np.random.default_rng([seed, list(TASKS).index(name)])
+    return [TASKS[name].make(rng) for _ in range(n)]

@@ -1,0 +1,116 @@
+"""Masked-diffusion training: the forward process, the 1/t-weighted loss, a short run, checkpoints, tasks."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pdx.errors import ModelLoadError
+from pdx.io import orbax_checkpoint as checkpoint
+from pdx.models import transformer as tf
+from pdx.models.layers import MaskMode
+from pdx.train import diffusion, tasks
+
+CFG = tf.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                num_kv_heads=2, head_dim=16, mask_token_id=tasks.MASK, eos_token_ids=(tasks.EOS,), pad_token_id=0)
+
+
+def _batch(n=8, names=("copy",)):
+    tokens, valid = diffusion.canvas(tasks.sample(np.random.default_rng(0), n, names), tasks.PROMPT_LEN,
+                                     tasks.GEN_LEN, tasks.EOS, tasks.PAD)
+    return jnp.asarray(tokens), jnp.asarray(valid)
+
+
+def test_noise_bidirectional_masks_at_rate_t():
+    gen = jnp.zeros((512, 32), jnp.int32)
+    noisy, scored, t = diffusion.noise(jax.random.PRNGKey(0), gen, 47, diffusion.TrainConfig())
+    masked = np.asarray(noisy == 47)
+    np.testing.assert_array_equal(masked, np.asarray(scored))
+    rate = masked.mean(1)  # per-row mask rate tracks its t
+    assert np.corrcoef(rate, np.asarray(t))[0, 1] > 0.95 and abs(np.mean(rate - np.asarray(t))) < 0.02
+
+
+def test_noise_block_causal_scores_one_block():
+    tc = diffusion.TrainConfig(attention="block_causal", block_size=8)
+    gen = jnp.zeros((256, 32), jnp.int32)
+    noisy, scored, _ = diffusion.noise(jax.random.PRNGKey(1), gen, 47, tc)
+    noisy, scored = np.asarray(noisy) == 47, np.asarray(scored)
+    for row_masked, row_scored in zip(noisy, scored):
+        blocks = row_masked.reshape(4, 8)
+        j = np.flatnonzero(row_scored.reshape(4, 8).any(1))
+        assert len(j) <= 1  # at most one block is scored (none if its draw masked nothing)
+        if len(j):
+            assert not blocks[: j[0]].any() and blocks[j[0] + 1 :].all()  # clean before, fully masked after
+            np.testing.assert_array_equal(row_scored.reshape(4, 8)[j[0]], blocks[j[0]])
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention):
+    tc = diffusion.TrainConfig(attention=attention, block_size=16)
+    params = tf.init_params(CFG, jax.random.PRNGKey(0), scale=0.2)
+    tokens, valid = _batch()
+    key = jax.random.PRNGKey(3)
+    loss = diffusion.loss_fn(params, CFG, tc, tokens, valid, key, tasks.PROMPT_LEN)
+    p = tasks.PROMPT_LEN
+    noisy, scored, t = diffusion.noise(key, tokens[:, p:], tasks.MASK, tc)
+    x = np.asarray(tokens).copy()
+    x[:, p:] = np.asarray(noisy)
+    mode = "bidirectional" if attention == "bidirectional" else MaskMode("block_causal", 16)
+    logits, _ = tf.forward(params, CFG, jnp.asarray(x), jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape),
+                           mask_mode=mode, valid=valid)
+    logp = np.asarray(jax.nn.log_softmax(logits[:, p:]))
+    gen = np.asarray(tokens[:, p:])
+    nll = -np.take_along_axis(logp, gen[..., None], -1)[..., 0]
+    per_row = 32 if attention == "bidirectional" else 16
+    expected = (nll * np.asarray(scored) / np.asarray(t)[:, None]).sum() / (len(gen) * per_row)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_training_reduces_loss():
+    tc = diffusion.TrainConfig(steps=60, batch=16, lr=3e-3, warmup=10)
+    _, losses = diffusion.train(CFG, tc, lambda rng, n: tasks.sample(rng, n, ("copy",)), tasks.PROMPT_LEN,
+                                tasks.GEN_LEN, tasks.EOS, tasks.PAD, progress=False)
+    assert losses[-15:].mean() < 0.8 * losses[:15].mean()  # from ~3.6 (uniform over 48 ids) to ~2.6
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path):
+    params = tf.init_params(CFG, jax.random.PRNGKey(0))
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, params, CFG, dict(attention="bidirectional"))
+    params2 = jax.tree.map(lambda a: a + 1, params)
+    checkpoint.save(path, params2, dataclasses.replace(CFG, rope_theta=500.0), dict(attention="block_causal"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary or old directories left behind
+    model, meta = checkpoint.load_dllm(path)
+    assert meta == dict(attention="block_causal") and model.cfg == dataclasses.replace(CFG, rope_theta=500.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params),
+                 jax.tree.map(np.asarray, params2))
+    with pytest.raises(ModelLoadError, match="meta.json"):
+        checkpoint.load(tmp_path / "missing")
+
+
+def test_task_checkers_accept_answers_and_reject_corruptions():
+    rng = np.random.default_rng(0)
+    for name, task in tasks.TASKS.items():
+        for _ in range(20):
+            prompt, answer = task.make(rng)
+            assert len(prompt) <= tasks.PROMPT_LEN and len(answer) < tasks.GEN_LEN
+            assert task.check(prompt, answer), name
+            bad = list(answer)
+            bad[0] = tasks.DIGIT0 + 9 if bad[0] != tasks.DIGIT0 + 9 else tasks.LETTER0
+            assert not task.check(prompt, bad), name
+    prompt = [tasks.TASK_IDS["choice"], *[22] * 5, tasks.SLASH, *[23] * 5, tasks.SLASH, *[24] * 5, tasks.SLASH,
+              *[25] * 5, tasks.SEP]
+    choice = tasks.TASKS["choice"].check
+    assert choice(prompt, [23] * 5) and not choice(prompt, [22, 23, 23, 23, 23])  # a mix of two words
+
+
+def test_optimizer_schedule_warms_up():
+    opt = diffusion.optimizer(diffusion.TrainConfig(steps=100, warmup=10, lr=1e-2))
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    updates, _ = opt.update({"w": jnp.ones(3)}, state, params)
+    assert float(optax.tree.norm(updates)) < 1e-6  # learning rate 0 at step 0
