@@ -116,13 +116,13 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCa
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write `new [L, B, K, T, H]` into `buf [L, B, K, S, H]` at slot `starts[b]` of each row."""
+def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array, layer: int = 0) -> jax.Array:
+    """Write `new [l, B, K, T, H]` into `buf [L, B, K, S, H]` at layers `layer...` and slot `starts[b]` of each row."""
     # One in-place update per row (B is static and small); a vmap here moves the batch axis and
     # makes XLA CPU copy the whole cache twice per step.
     new = new.astype(buf.dtype)
     for b in range(buf.shape[1]):
-        buf = lax.dynamic_update_slice(buf, new[:, b : b + 1], (0, b, 0, starts[b], 0))
+        buf = lax.dynamic_update_slice(buf, new[:, b : b + 1], (layer, b, 0, starts[b], 0))
     return buf
 
 
@@ -154,44 +154,60 @@ def hidden_states(
         valid = jnp.ones((b, t), bool)
     windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
 
-    def layer(x, xs):
-        p, window, cached = xs
+    def project(x, p):
+        """q [B, T, N, H] and the new k, v [B, K, T, H] of one layer."""
+        h = nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        # 2-D [out, in] weights: with [N, H, D] weights XLA CPU transposes them every step
+        q = nn.dense("btd,fd->btf", h, p["wq"])  # [B, T, N*H]
+        k = nn.dense("btd,fd->btf", h, p["wk"])  # [B, T, K*H]
+        v = nn.dense("btd,fd->btf", h, p["wv"])
+        if cfg.attention_bias:
+            q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def finish(x, p, window, q, k, v, cached):
+        """Attention over the cached slots (k, v [B, K, S, H]) and the new keys, then the MLP."""
         with jax.named_scope("attention"):
-            h = nn.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-            # 2-D [out, in] weights: with [N, H, D] weights XLA CPU transposes them every step
-            q = nn.dense("btd,fd->btf", h, p["wq"])  # [B, T, N*H]
-            k = nn.dense("btd,fd->btf", h, p["wk"])  # [B, T, K*H]
-            v = nn.dense("btd,fd->btf", h, p["wv"])
-            if cfg.attention_bias:
-                q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
-            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, H]
-            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, H]
-            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-            q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            # Attention over the cached slots (k, v [B, K, S, H]) and the new keys, via the kernel dispatch.
             o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
                        cache_visible=cache_visible)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
             h = nn.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-            x = x + nn.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
-        return x, (k, v)
+            return x + nn.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
 
-    cached = None if cache is None else (cache.k, cache.v)
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):  # unstacked (see `unstack_layers`): unrolled over separate arrays
-        outs = [None] * len(layers)
+        ck, cv = (None, None) if cache is None else (cache.k, cache.v)
         for i, p in enumerate(layers):
-            x, outs[i] = layer(x, (p, windows[i], None if cached is None else (cached[0][i], cached[1][i])))
-        new_k, new_v = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+            q, k, v = project(x, p)
+            cached = None
+            if cache is not None:
+                # Write this layer's new keys before its attention reads the buffer (the cached segment
+                # masks slots >= lengths, so the result is unchanged): every read then sits between two
+                # writes in data order and XLA updates the cache in place instead of copying it.
+                ck = _write_rows(ck, k[None], cache.lengths, layer=i)
+                cv = _write_rows(cv, v[None], cache.lengths, layer=i)
+                cached = (ck[i], cv[i])
+            x = finish(x, p, windows[i], q, k, v, cached)
     else:
+
+        def layer(x, xs):
+            p, window, cached = xs
+            q, k, v = project(x, p)
+            return finish(x, p, window, q, k, v, cached), (k, v)
+
+        cached = None if cache is None else (cache.k, cache.v)
         x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, cached))  # new_k: [L, B, K, T, H]
+        if cache is not None:
+            ck, cv = _write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths)
     x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
-        cache = KVCache(_write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths),
-                        cache.lengths + valid.sum(-1, dtype=jnp.int32))
+        cache = KVCache(ck, cv, cache.lengths + valid.sum(-1, dtype=jnp.int32))
     return x, cache
 
 
