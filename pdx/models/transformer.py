@@ -118,12 +118,13 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCa
 
 def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array, layer: int = 0) -> jax.Array:
     """Write `new [l, B, K, T, H]` into `buf [L, B, K, S, H]` at layers `layer...` and slot `starts[b]` of each row."""
-    # One in-place update per row (B is static and small); a vmap here moves the batch axis and
-    # makes XLA CPU copy the whole cache twice per step.
-    new = new.astype(buf.dtype)
-    for b in range(buf.shape[1]):
-        buf = lax.dynamic_update_slice(buf, new[:, b : b + 1], (layer, b, 0, starts[b], 0))
-    return buf
+    # A scatter (not a vmap of dynamic_update_slice, which moves the batch axis and makes XLA CPU
+    # copy the whole cache): rows b, slots starts[b] + t, for the layers written.
+    n_layers, n_rows, _, t, _ = new.shape
+    rows = jnp.arange(n_rows)[:, None]  # [B, 1]
+    slots = starts[:, None] + jnp.arange(t)  # [B, T]
+    values = new.astype(buf.dtype).transpose(1, 3, 0, 2, 4)  # [B, T, l, K, H]
+    return buf.at[layer : layer + n_layers, rows, :, slots].set(values, mode="drop")
 
 
 def hidden_states(
