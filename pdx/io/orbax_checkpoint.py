@@ -74,4 +74,10 @@ def load_dllm(path: str | os.PathLike):
     from pdx.model import Model
 
     params, cfg, meta = load(path)
+    # Checkpoints written before attention weights became 2-D ([L, N, H, D] etc.): same values, new shape.
+    L, D, N, K, H = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {"wq": (L, N * H, D), "wk": (L, K * H, D), "wv": (L, K * H, D), "wo": (L, D, N * H),
+              "bq": (L, N * H), "bk": (L, K * H), "bv": (L, K * H)}
+    params = params | {"layers": {k: jnp.reshape(v, shapes[k]) if k in shapes else jnp.asarray(v)
+                                  for k, v in params["layers"].items()}}
     return Model(cfg, jax.tree.map(jnp.asarray, params), None, transformer, os.fspath(path)), meta
