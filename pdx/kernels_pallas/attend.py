@@ -29,13 +29,23 @@ def attend(
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     cache_visible: jax.Array | None = None,
+    new_in_cache: bool = False,
     impl: str | None = None,
 ) -> jax.Array:
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
     lengths [B])` -> `[B, T, N, H]`. `cache_visible [B, S]` overrides `slot < lengths` as the set of
-    cached slots that may be attended (dLLM dual cache). `impl` as in `_core.resolve` (None: the
-    module setting)."""
+    cached slots that may be attended (dLLM dual cache). `new_in_cache`: the caller already wrote
+    the new keys into the cache at slots `lengths[b] + t` (`valid` a per-row prefix, slot = position),
+    so one pass over the cache's first `lengths + valid.sum(-1)` slots covers both segments with no
+    merge. `impl` as in `_core.resolve` (None: the module setting)."""
     path, interpret = _core.resolve(impl, q)
+    if new_in_cache:
+        ck, cv, lengths = cache
+        slot_pos, slot_valid = decode_attention.slots(lengths + valid.sum(-1, dtype=lengths.dtype), ck.shape[2])
+        if path == "reference":
+            return layers.attention(q, [(ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window))])
+        out = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, interpret=interpret)
+        return out.astype(q.dtype)
     if path == "reference":
         segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
         if cache is not None:

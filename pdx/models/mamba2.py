@@ -258,9 +258,9 @@ def forward(
         for i, p in enumerate(layers):
             x, out = layer(x, (p, states.conv[i], states.ssm[i]))
             outs.append(out)
-        conv, ssm, trace = stack_layers(outs)
+        conv, ssm, trace = _stack(outs)
     else:  # prefill reads each weight many times over: stacking once keeps the scan (and its compile time)
-        x, (conv, ssm, trace) = lax.scan(layer, x, (stack_layers(layers), states.conv, states.ssm))
+        x, (conv, ssm, trace) = lax.scan(layer, x, (_stack(layers), states.conv, states.ssm))
     logits = lm_head(params, cfg, nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
     new_cache = None
     if cache is not None:
@@ -282,9 +282,14 @@ def unstack_layers(params: dict) -> dict:
     return params | {"layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(len(layers["norm"])))}
 
 
-def stack_layers(layers) -> dict:
-    """The stacked `[L, ...]` layout from a tuple of per-layer dicts (inverse of `unstack_layers`)."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+def stack_layers(params: dict) -> dict:
+    """The stacked `[L, ...]` layout (inverse of `unstack_layers`)."""
+    layers = params["layers"]
+    return params if isinstance(layers, dict) else params | {"layers": _stack(layers)}
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
 def rewind(params: dict, cfg: Config, cache: Mamba2Cache, trace: StateTrace, n: jax.Array) -> Mamba2Cache:

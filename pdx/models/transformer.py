@@ -98,33 +98,60 @@ def init_params(cfg: Config, key: jax.Array, dtype=jnp.float32, scale: float = 0
 class KVCache:
     """Fixed-size KV cache. Slot s of a row holds the token at position s of that row.
 
-    k, v: [L, B, K, S, H]; lengths: [B] int32, the number of valid slots per row (also the
-    next write offset). Rolling back is lowering `lengths`.
+    k, v: stacked `[L, B, K, S, H]` (for layers run by `lax.scan`) or a tuple of L per-layer
+    `[B, K, S, H]` buffers (for unstacked params: each layer's attention then reads its own buffer
+    in place; slicing a layer out of the stacked array is a copy on XLA CPU, which at batch 16 moved
+    more bytes per step than the weights). lengths: [B] int32, the number of valid slots per row
+    (also the next write offset). Rolling back is lowering `lengths`.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     lengths: jax.Array
 
     @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (list, tuple))
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool | None = None) -> KVCache:
+    """An empty cache; `per_layer` (default: on CPU, matching `pdx.load_model`'s unstacked params)
+    picks per-layer buffers over one stacked array."""
+    per_layer = jax.default_backend() == "cpu" if per_layer is None else per_layer
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if per_layer:
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                       jnp.zeros((batch,), jnp.int32))
+    shape = (cfg.num_layers, *shape)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array, layer: int = 0) -> jax.Array:
-    """Write `new [l, B, K, T, H]` into `buf [L, B, K, S, H]` at layers `layer...` and slot `starts[b]` of each row."""
+def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write `new [..., B, K, T, H]` into `buf [..., B, K, S, H]` at slot `starts[b]` of each row
+    (leading layer axis optional, the same on both)."""
     # A scatter (not a vmap of dynamic_update_slice, which moves the batch axis and makes XLA CPU
-    # copy the whole cache): rows b, slots starts[b] + t, for the layers written.
-    n_layers, n_rows, _, t, _ = new.shape
+    # copy the whole cache): rows b, slots starts[b] + t.
+    *lead, n_rows, _, t, _ = new.shape
     rows = jnp.arange(n_rows)[:, None]  # [B, 1]
     slots = starts[:, None] + jnp.arange(t)  # [B, T]
-    values = new.astype(buf.dtype).transpose(1, 3, 0, 2, 4)  # [B, T, l, K, H]
-    return buf.at[layer : layer + n_layers, rows, :, slots].set(values, mode="drop")
+    if not lead:
+        return buf.at[rows, :, slots].set(new.astype(buf.dtype).transpose(0, 2, 1, 3), mode="drop")  # [B, T, K, H]
+    values = new.astype(buf.dtype).transpose(1, 3, 0, 2, 4)  # [B, T, L, K, H]
+    return buf.at[:, rows, :, slots].set(values, mode="drop")
+
+
+def _cache_layout(cache: KVCache, per_layer: bool) -> tuple:
+    """(k, v) of `cache` in the layout the params' layout runs on (a copy only on a mismatch)."""
+    if cache.per_layer == per_layer:
+        return cache.k, cache.v
+    if per_layer:
+        return tuple(cache.k), tuple(cache.v)  # iterating a stacked array slices its layers
+    return jnp.stack(cache.k), jnp.stack(cache.v)
 
 
 def hidden_states(
@@ -170,11 +197,14 @@ def hidden_states(
         q, k = nn.apply_rope(q, cos, sin), nn.apply_rope(k, cos, sin)
         return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def finish(x, p, window, q, k, v, cached):
-        """Attention over the cached slots (k, v [B, K, S, H]) and the new keys, then the MLP."""
+    def finish(x, p, window, q, k, v, cached, written):
+        """Attention over the cached slots (k, v [B, K, S, H]) and the new keys, then the MLP.
+
+        written: the new keys are already in the cached buffers (at slots lengths[b]...)."""
         with jax.named_scope("attention"):
+            in_cache = written and cached is not None and cache_visible is None
             o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
-                       cache_visible=cache_visible)
+                       cache_visible=cache_visible, new_in_cache=in_cache)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
@@ -182,32 +212,34 @@ def hidden_states(
             return x + nn.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
 
     layers = params["layers"]
-    if isinstance(layers, (list, tuple)):  # unstacked (see `unstack_layers`): unrolled over separate arrays
-        ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+    per_layer = isinstance(layers, (list, tuple))
+    ck, cv = (None, None) if cache is None else _cache_layout(cache, per_layer)
+    if per_layer:  # unstacked (see `unstack_layers`): unrolled over separate arrays
+        ck, cv = (None, None) if cache is None else (list(ck), list(cv))
         for i, p in enumerate(layers):
             q, k, v = project(x, p)
             cached = None
             if cache is not None:
-                # Write this layer's new keys before its attention reads the buffer (the cached segment
-                # masks slots >= lengths, so the result is unchanged): every read then sits between two
-                # writes in data order and XLA updates the cache in place instead of copying it.
-                ck = _write_rows(ck, k[None], cache.lengths, layer=i)
-                cv = _write_rows(cv, v[None], cache.lengths, layer=i)
+                # Write this layer's new keys before its attention reads the buffer: a read after the
+                # write lets XLA update the buffer in place (reading first and writing after copied it).
+                ck[i], cv[i] = _write_rows(ck[i], k, cache.lengths), _write_rows(cv[i], v, cache.lengths)
                 cached = (ck[i], cv[i])
-            x = finish(x, p, windows[i], q, k, v, cached)
+            x = finish(x, p, windows[i], q, k, v, cached, written=True)
+        ck, cv = (None, None) if cache is None else (tuple(ck), tuple(cv))
     else:
 
         def layer(x, xs):
             p, window, cached = xs
             q, k, v = project(x, p)
-            return finish(x, p, window, q, k, v, cached), (k, v)
+            return finish(x, p, window, q, k, v, cached, written=False), (k, v)
 
-        cached = None if cache is None else (cache.k, cache.v)
-        x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, cached))  # new_k: [L, B, K, T, H]
-        if cache is not None:
-            ck, cv = _write_rows(cache.k, new_k, cache.lengths), _write_rows(cache.v, new_v, cache.lengths)
+        x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, None if cache is None else (ck, cv)))
+        if cache is not None:  # new_k: [L, B, K, T, H]
+            ck, cv = _write_rows(ck, new_k, cache.lengths), _write_rows(cv, new_v, cache.lengths)
     x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
+        if cache.per_layer != per_layer:
+            ck, cv = _cache_layout(KVCache(ck, cv, cache.lengths), cache.per_layer)
         cache = KVCache(ck, cv, cache.lengths + valid.sum(-1, dtype=jnp.int32))
     return x, cache
 
