@@ -163,18 +163,25 @@ def test_bfloat16_weights_close_to_fp32(tiny_cfg):
     assert err.mean() < 0.03 and err.max() < 0.3  # bf16 has ~3 significant digits; logits are ~O(4)
 
 
-def test_unstacked_layers_match_scan(tiny_cfg):
-    """The unrolled per-layer form (fast CPU decode) computes exactly what the scanned form does."""
+@pytest.mark.parametrize("per_layer_cache", [True, False])
+def test_unstacked_layers_match_scan(tiny_cfg, per_layer_cache):
+    """The unrolled per-layer form (fast CPU decode) computes exactly what the scanned form does, with
+    either cache layout (per-layer buffers or one stacked array), and returns the cache as it came."""
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
     flat = tf.unstack_layers(params)
     assert isinstance(flat["layers"], list) and len(flat["layers"]) == tiny_cfg.num_layers
-    tokens = jnp.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
-    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    cache = tf.init_cache(tiny_cfg, 2, 8)
-    ref, ref_cache = tf.forward(params, tiny_cfg, tokens, pos, cache)
-    out, out_cache = tf.forward(flat, tiny_cfg, tokens, pos, cache)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)  # fusion order differs slightly
-    np.testing.assert_allclose(np.asarray(out_cache.k), np.asarray(ref_cache.k), atol=1e-5)
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9], [9, 2, 6, 5, 3, 5]])
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    valid = jnp.array([[True] * 5 + [False], [True] * 3 + [False] * 3])  # ragged prefill
+    results = {}
+    for name, p in (("scan", params), ("unrolled", flat)):
+        cache = tf.init_cache(tiny_cfg, 2, 12, per_layer=per_layer_cache)
+        logits, cache = tf.forward(p, tiny_cfg, tokens, pos, cache, valid=valid)
+        step, cache = tf.forward(p, tiny_cfg, jnp.array([[7], [8]]), cache.lengths[:, None], cache)
+        assert cache.per_layer == per_layer_cache and cache.lengths.tolist() == [6, 4]
+        results[name] = (logits, step, np.asarray(cache.k)[:, 0, :, :4])  # the slots both rows filled
+    for ref, out in zip(results["scan"], results["unrolled"]):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)  # fusion order differs slightly
     restacked = tf.stack_layers(flat)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), restacked, params))
 
