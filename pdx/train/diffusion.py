@@ -33,6 +33,7 @@ class TrainConfig:
     attention: str = "bidirectional"  # or "block_causal"
     block_size: int = 16  # attention block of block diffusion (and the decoding block size)
     min_t: float = 1e-3  # keeps the 1/t weight bounded
+    stratified_t: bool = True  # low-discrepancy t across the batch (MDLM's antithetic sampler)
     seed: int = 0
 
 
@@ -50,8 +51,12 @@ def canvas(examples, prompt_len: int, gen_len: int, eos: int, pad: int):
 def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
     """Forward process on the answer `gen [B, G]`: (noisy [B, G], scored [B, G] bool, t [B])."""
     b, g = gen.shape
-    kt, km, kb = jax.random.split(key, 3)
-    t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
+    kt, km, kb, kp = jax.random.split(key, 4)
+    if tc.stratified_t:  # one draw per stratum [i/B, (i+1)/B): the same U(0, 1) marginal, lower gradient variance
+        u = (jax.random.uniform(kt, ()) + jnp.arange(b) / b) % 1.0
+        t = tc.min_t + (1.0 - tc.min_t) * jax.random.permutation(kp, u)
+    else:
+        t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
     masked = jax.random.uniform(km, (b, g)) < t[:, None]
     scored = masked
     if tc.attention == "block_causal":
