@@ -51,10 +51,10 @@ def canvas(examples, prompt_len: int, gen_len: int, eos: int, pad: int):
 def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
     """Forward process on the answer `gen [B, G]`: (noisy [B, G], scored [B, G] bool, t [B])."""
     b, g = gen.shape
-    kt, km, kb, kp = jax.random.split(key, 4)
+    kt, km, kb = jax.random.split(key, 3)
     if tc.stratified_t:  # one draw per stratum [i/B, (i+1)/B): the same U(0, 1) marginal, lower gradient variance
         u = (jax.random.uniform(kt, ()) + jnp.arange(b) / b) % 1.0
-        t = tc.min_t + (1.0 - tc.min_t) * jax.random.permutation(kp, u)
+        t = tc.min_t + (1.0 - tc.min_t) * jax.random.permutation(jax.random.fold_in(kt, 1), u)
     else:
         t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
     masked = jax.random.uniform(km, (b, g)) < t[:, None]
