@@ -34,6 +34,10 @@ class TrainConfig:
     block_size: int = 16  # attention block of block diffusion (and the decoding block size)
     min_t: float = 1e-3  # keeps the 1/t weight bounded
     stratified_t: bool = True  # low-discrepancy t across the batch (MDLM's antithetic sampler)
+    # Mask exactly m ~ U{1..G} answer tokens (t = m / G, weight G / m): the any-order form of the same objective
+    # (RADD, Ou et al. 2024). With G = 32, t ~ U(0, 1) leaves rows with one masked token weighted up to 1/min_t
+    # that dominate (and, clipped, shrink) the gradient; here the weight is at most G and no row scores nothing.
+    count_masking: bool = False
     seed: int = 0
 
 
@@ -57,7 +61,13 @@ def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
         t = tc.min_t + (1.0 - tc.min_t) * jax.random.permutation(jax.random.fold_in(kt, 1), u)
     else:
         t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
-    masked = jax.random.uniform(km, (b, g)) < t[:, None]
+    if tc.count_masking:
+        m = jnp.clip(jnp.ceil(t * g), 1, g)  # [B]: stratified or i.i.d. t -> a uniform count in 1..G
+        t = m / g
+        rank = jnp.argsort(jax.random.uniform(km, (b, g)), axis=-1).argsort(axis=-1)  # a random permutation per row
+        masked = rank < m[:, None]
+    else:
+        masked = jax.random.uniform(km, (b, g)) < t[:, None]
     scored = masked
     if tc.attention == "block_causal":
         block = jnp.arange(g) // tc.block_size  # [G]

@@ -44,6 +44,19 @@ def test_stratified_t_has_one_draw_per_stratum():
     assert len(np.unique(np.floor(np.asarray(t) * 64))) < 64  # i.i.d. draws collide (P(all distinct) ~ 1e-27)
 
 
+def test_count_masking_masks_exactly_m_with_weight_g_over_m():
+    gen = jnp.zeros((64, 32), jnp.int32)
+    tc = diffusion.TrainConfig(count_masking=True)
+    noisy, scored, t = diffusion.noise(jax.random.PRNGKey(4), gen, 47, tc)
+    m = np.asarray(scored).sum(1)
+    np.testing.assert_array_equal(np.asarray(noisy == 47), np.asarray(scored))
+    np.testing.assert_allclose(np.asarray(t), m / 32)  # the loss weight 1/t is G/m, at most 32
+    counts = np.bincount(m, minlength=33)[1:]  # m = ceil(t G) over stratified t: every count 1..32, ~twice each
+    assert counts.min() >= 1 and counts.max() <= 3 and m.min() >= 1
+    positions = np.asarray(scored).sum(0)
+    assert positions.min() > 0  # masked positions are spread over the answer, not a fixed prefix
+
+
 def test_add_answers_have_fixed_width():
     rng = np.random.default_rng(1)
     for _ in range(50):
