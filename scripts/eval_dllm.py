@@ -74,10 +74,10 @@ def evaluate(models: dict, n: int, runs, gen: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | task | accuracy % | NFE/token | tokens/forward | decode s (batch) | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | task | n | accuracy % | NFE/token | tokens/forward | decode s (batch) | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['task']} | {r['accuracy']:.1f} | {r['nfe_per_token']:.3f} | "
+        lines.append(f"| {r['setting']} | {r['task']} | {r['n']} | {r['accuracy']:.1f} | {r['nfe_per_token']:.3f} | "
                      f"{r['tokens_per_forward']:.1f} | {r['decode_s']:.2f} | {r['tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -105,6 +105,21 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def merge(files: list[str]) -> list[dict]:
+    """Rows of several result files (each row tagged with its file's instance count), grouped by model and task."""
+    groups = {}
+    for file in files:
+        with open(file) as f:
+            data = json.load(f)
+        new = {}
+        for r in data["rows"]:
+            new.setdefault((r["model"], r["task"]), []).append({"n": data["n"], **r})
+        groups |= new
+    order = [(k, t) for k in ("bidirectional", "block_causal") for t in tasks.TASKS]
+    return [r for key in sorted(groups, key=lambda kt: order.index(kt) if kt in order else len(order))
+            for r in groups[key]]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", default="checkpoints/tiny_dllm")
@@ -112,18 +127,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=",".join(tasks.TASKS))
     ap.add_argument("--models", default="bidirectional,block_causal")
     ap.add_argument("--out", default="bench/dllm_eval")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="evaluate nothing: combine these result files (a later "
+                    "file's rows replace an earlier one's for the same model and task) into OUT")
     args = ap.parse_args(argv)
     names = args.tasks.split(",")
-    rows = []
-    for kind in args.models.split(","):
+    rows = [] if not args.merge else merge(args.merge)
+    for kind in args.models.split(",") if not args.merge else ():
         paths = {name: os.path.join(args.ckpt, kind, name) for name in names}
         models = {name: checkpoint.load_dllm(path)[0] for name, path in paths.items() if os.path.isdir(path)}
         if models:
             for r in evaluate(models, args.n, settings(kind, tasks.GEN_LEN), tasks.GEN_LEN):
-                rows.append({"model": kind, **r})
+                rows.append({"model": kind, "n": args.n, **r})
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(n=args.n, rows=rows), f, indent=1)
+        json.dump(dict(n=sorted({r["n"] for r in rows}), rows=rows), f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(markdown(rows))
     plot(rows, args.out + ".png")

@@ -33,6 +33,11 @@ class TrainConfig:
     attention: str = "bidirectional"  # or "block_causal"
     block_size: int = 16  # attention block of block diffusion (and the decoding block size)
     min_t: float = 1e-3  # keeps the 1/t weight bounded
+    stratified_t: bool = True  # low-discrepancy t across the batch (MDLM's antithetic sampler)
+    # Mask exactly m ~ U{1..G} answer tokens (t = m / G, weight G / m): the any-order form of the same objective
+    # (RADD, Ou et al. 2024). With G = 32, t ~ U(0, 1) leaves rows with one masked token weighted up to 1/min_t
+    # that dominate (and, clipped, shrink) the gradient; here the weight is at most G and no row scores nothing.
+    count_masking: bool = False
     seed: int = 0
 
 
@@ -51,8 +56,18 @@ def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
     """Forward process on the answer `gen [B, G]`: (noisy [B, G], scored [B, G] bool, t [B])."""
     b, g = gen.shape
     kt, km, kb = jax.random.split(key, 3)
-    t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
-    masked = jax.random.uniform(km, (b, g)) < t[:, None]
+    if tc.stratified_t:  # one draw per stratum [i/B, (i+1)/B): the same U(0, 1) marginal, lower gradient variance
+        u = (jax.random.uniform(kt, ()) + jnp.arange(b) / b) % 1.0
+        t = tc.min_t + (1.0 - tc.min_t) * jax.random.permutation(jax.random.fold_in(kt, 1), u)
+    else:
+        t = jax.random.uniform(kt, (b,), minval=tc.min_t, maxval=1.0)
+    if tc.count_masking:
+        m = jnp.clip(jnp.ceil(t * g), 1, g)  # [B]: stratified or i.i.d. t -> a uniform count in 1..G
+        t = m / g
+        rank = jnp.argsort(jax.random.uniform(km, (b, g)), axis=-1).argsort(axis=-1)  # a random permutation per row
+        masked = rank < m[:, None]
+    else:
+        masked = jax.random.uniform(km, (b, g)) < t[:, None]
     scored = masked
     if tc.attention == "block_causal":
         block = jnp.arange(g) // tc.block_size  # [G]

@@ -27,8 +27,8 @@ PROMPT_LEN = 32  # every prompt fits; the training canvas is left-padded to this
 GEN_LEN = 32  # answer + EOS padding
 
 
-def digits(n: int) -> list[int]:
-    return [DIGIT0 + int(c) for c in str(n)]
+def digits(n: int, width: int = 0) -> list[int]:
+    return [DIGIT0 + int(c) for c in str(n).zfill(width)]
 
 
 def _letters(rng, n: int) -> list[int]:
@@ -72,9 +72,13 @@ def _sort(rng):
     return [TASK_IDS["sort"], *s, SEP], sorted(s)
 
 
+ADD_WIDTH = 11  # sums are written zero-padded to a fixed width, so digit k of the answer always sits at the same
+# offset from digit k of each operand (left-aligned sums of varying length made the alignment depend on the carry out)
+
+
 def _add(rng):
     a, b = (int(rng.integers(10**9, 10**10)) for _ in range(2))
-    return [TASK_IDS["add"], *digits(a), PLUS, *digits(b), SEP], digits(a + b)
+    return [TASK_IDS["add"], *digits(a), PLUS, *digits(b), SEP], digits(a + b, ADD_WIDTH)
 
 
 def _choice(rng):
@@ -155,7 +159,7 @@ def _answer_of(prompt: list[int]) -> list[int]:
         return sorted(body)
     i = body.index(PLUS)
     num = lambda ts: int("".join(str(t - DIGIT0) for t in ts))  # noqa: E731
-    return digits(num(body[:i]) + num(body[i + 1 :]))
+    return digits(num(body[:i]) + num(body[i + 1 :]), ADD_WIDTH)
 
 
 TASKS = {

@@ -34,6 +34,39 @@ def test_noise_bidirectional_masks_at_rate_t():
     assert np.corrcoef(rate, np.asarray(t))[0, 1] > 0.95 and abs(np.mean(rate - np.asarray(t))) < 0.02
 
 
+def test_stratified_t_has_one_draw_per_stratum():
+    gen = jnp.zeros((64, 32), jnp.int32)
+    for seed in range(3):
+        _, _, t = diffusion.noise(jax.random.PRNGKey(seed), gen, 47, diffusion.TrainConfig(min_t=0.0))
+        bins = np.floor(np.sort(np.asarray(t)) * 64).astype(int)  # one t in each [i/64, (i+1)/64)
+        np.testing.assert_array_equal(bins, np.arange(64))
+    _, _, t = diffusion.noise(jax.random.PRNGKey(0), gen, 47, diffusion.TrainConfig(stratified_t=False))
+    assert len(np.unique(np.floor(np.asarray(t) * 64))) < 64  # i.i.d. draws collide (P(all distinct) ~ 1e-27)
+
+
+def test_count_masking_masks_exactly_m_with_weight_g_over_m():
+    gen = jnp.zeros((64, 32), jnp.int32)
+    tc = diffusion.TrainConfig(count_masking=True)
+    noisy, scored, t = diffusion.noise(jax.random.PRNGKey(4), gen, 47, tc)
+    m = np.asarray(scored).sum(1)
+    np.testing.assert_array_equal(np.asarray(noisy == 47), np.asarray(scored))
+    np.testing.assert_allclose(np.asarray(t), m / 32)  # the loss weight 1/t is G/m, at most 32
+    counts = np.bincount(m, minlength=33)[1:]  # m = ceil(t G) over stratified t: every count 1..32, ~twice each
+    assert counts.min() >= 1 and counts.max() <= 3 and m.min() >= 1
+    positions = np.asarray(scored).sum(0)
+    assert positions.min() > 0  # masked positions are spread over the answer, not a fixed prefix
+
+
+def test_add_answers_have_fixed_width():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        prompt, answer = tasks.TASKS["add"].make(rng)
+        assert len(answer) == tasks.ADD_WIDTH and tasks.TASKS["add"].check(prompt, answer)
+        a, b = prompt[1:11], prompt[12:22]
+        num = lambda ts: int("".join(str(x - tasks.DIGIT0) for x in ts))  # noqa: E731
+        assert num(answer) == num(a) + num(b)
+
+
 def test_noise_block_causal_scores_one_block():
     tc = diffusion.TrainConfig(attention="block_causal", block_size=8)
     gen = jnp.zeros((256, 32), jnp.int32)
