@@ -75,6 +75,7 @@ def test_prefill_then_steps_matches_full_and_padding_is_inert(torch_mixer):
     np.testing.assert_array_equal(np.asarray(ssm2), np.asarray(ssm))
 
 
+@pytest.mark.slow
 def test_selective_scan_equals_sequential_steps():
     """The chunked associative scan is the step recurrence, from a nonzero initial state."""
     k = jax.random.split(jax.random.PRNGKey(0), 6)
