@@ -78,14 +78,15 @@ def diff_attention(
         kp = k.reshape(b, kv // 2, 2, s, h).astype(q.dtype)  # [B, K/2, 2, S, H]
         sc = jnp.einsum("btkgch,bkcsh->bkgcts", qg, kp).astype(jnp.float32)  # [B, K/2, G, 2, T, S]
         scores.append(jnp.where(visible[:, None, None, None], sc, nn.NEG_INF))
-        vp = v.reshape(b, kv // 2, 2, s, h).transpose(0, 1, 3, 2, 4).reshape(b, kv // 2, s, 2 * h)  # [B, K/2, S, 2H]
-        values.append(vp.astype(q.dtype))
+        # values stay [B, K/2, 2, S, H] (a view of the cache): the pair's 2H channels are (even head, odd head)
+        values.append(v.reshape(b, kv // 2, 2, s, h).astype(q.dtype))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
     out, start = 0, 0
     for vp in values:
-        p = probs[..., start : start + vp.shape[2]]
-        out = out + jnp.einsum("bkgcts,bksh->btkgch", p, vp)  # [B, T, K/2, G, 2, 2H]
-        start += vp.shape[2]
+        p = probs[..., start : start + vp.shape[3]]
+        out = out + jnp.einsum("bkgcts,bkesh->btkgceh", p, vp)  # [B, T, K/2, G, 2 maps, 2 value heads, H]
+        start += vp.shape[3]
+    out = out.reshape(b, t, kv // 2, g, 2, 2 * h)
     attn = out[..., 0, :].astype(jnp.float32) - lam * out[..., 1, :].astype(jnp.float32)  # [B, T, K/2, G, 2H]
     attn = nn.rms_norm(attn, subln, eps) * (1.0 - lam_init)
     return attn.reshape(b, t, n, h).astype(q.dtype)
