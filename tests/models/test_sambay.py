@@ -107,7 +107,7 @@ def test_layout_logits_match_reference(tmp_path, variant):
     np.testing.assert_allclose(np.asarray(last[:, 0]), want[:, -1], atol=LOGIT_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["stacked", pytest.param("unstacked", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["unstacked", pytest.param("stacked", marks=pytest.mark.slow)])
 def test_cached_decode_equals_full_forward(tiny, layout):
     """Prefill N = 5 / 4 in two chunks of 3 (the second right-padded), then M = 9 O(1) steps per row: logits
     equal the transcription's uncached forward over the whole sequence; window 3 makes the ring buffers wrap."""
@@ -228,12 +228,11 @@ def test_checkpoint_mismatch_raises(tmp_path):
     assert set(load_file(st)) == set(sd)
 
 
-def test_save_roundtrip(tmp_path):
+def test_save_roundtrip(tiny, tmp_path):
     """`sambay_checkpoint.save` writes the naming `load` reads (used for pdx-trained checkpoints)."""
-    cfg = sb.TINY
-    params = sb.init_params(cfg, jax.random.PRNGKey(0))
-    ckpt.save(tmp_path, cfg, params)
+    _, _, model = tiny
+    ckpt.save(tmp_path, model.cfg, model.params)
     cfg2, params2 = ckpt.load(tmp_path)
-    assert cfg2 == cfg
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    assert cfg2 == model.cfg
+    for a, b in zip(jax.tree.leaves(sb.stack_layers(model.params)), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -45,7 +45,7 @@ def test_full_sequence_matches_mamba_mixer(torch_mixer):
     with torch.no_grad():
         ref = torch_mixer(torch.tensor(h)).numpy()
     p = pdx_params(torch_mixer)
-    for chunk in (1, 5, 64):  # 13 is a multiple of none but 1: ragged last chunk
+    for chunk in (5, 64):  # ragged last chunk / one chunk shorter than the chunk size
         out, y, _, _ = mixer(p, jnp.asarray(h), None, None, jnp.ones((2, 13), bool), step=False, chunk=chunk)
         np.testing.assert_allclose(np.asarray(out), ref, atol=ATOL, rtol=0)
         assert y.shape == (2, 13, 32)
