@@ -62,7 +62,14 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
     if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
         return orbax_checkpoint.load_dllm(path)[0]
     if os.path.isdir(path):
-        if mamba2_checkpoint.is_mamba2_dir(path):  # Mamba-2: HF (model_type "mamba2") or state-spaces naming
+        from pdx.io import sambay_checkpoint  # SambaY / Phi-4-mini-flash (model_type "phi4flash")
+
+        if sambay_checkpoint.is_sambay_dir(path):
+            from pdx.models import sambay
+
+            cfg, params = sambay_checkpoint.load(path)
+            family = sambay
+        elif mamba2_checkpoint.is_mamba2_dir(path):  # Mamba-2: HF (model_type "mamba2") or state-spaces naming
             cfg, params = mamba2_checkpoint.load(path)
             family = mamba2
         elif dllm_hf.model_type(path) in dllm_hf.DLLM_TYPES:  # LLaDA / Dream checkpoint formats
