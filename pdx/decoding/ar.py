@@ -112,13 +112,10 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
         valid = positions < prompt_lens[:, None]
         last = prompt_lens - 1 - start  # index of each row's last prompt token within this chunk
         here = (last >= 0) & (last < c)
-        at = jnp.clip(last, 0, c - 1)[:, None, None]
-        if hasattr(family, "hidden_states"):  # the LM head only at the one position used (a fifth of the FLOPs)
-            h, cache = family.hidden_states(params, cfg, tokens, positions, cache, valid=valid)  # [B, C, D]
-            picked = family.lm_head(params, cfg, jnp.take_along_axis(h, at, axis=1)[:, 0])  # [B, V]
-        else:
-            logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=valid)  # [B, C, V]
-            picked = jnp.take_along_axis(logits, at, axis=1)[:, 0]
+        # Logits at each row's last valid token of the chunk only (the LM head on every position
+        # was a fifth of a SmolLM2 prefill's FLOPs; SambaY also skips its cross-decoder there).
+        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=valid, logits="last")
+        picked = logits[:, 0]  # [B, V]
         return cache, jnp.where(here[:, None], picked, last_logits)
 
     num_chunks = (jnp.max(prompt_lens) + c - 1) // c

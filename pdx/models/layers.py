@@ -29,6 +29,15 @@ def embed(table, tokens: jax.Array) -> jax.Array:
     return jnp.take(table, tokens, axis=0)
 
 
+def last_valid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """`x [B, T, ...]` at each row's last valid position (`valid [B, T]` a per-row prefix; None: the
+    last one) -> `[B, 1, ...]`; rows without a valid token give position 0."""
+    if valid is None:
+        return x[:, -1:]
+    last = jnp.maximum(valid.sum(-1) - 1, 0)  # [B]
+    return jnp.take_along_axis(x, last.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in fp32 and cast back, as Llama does."""
     xf = x.astype(jnp.float32)

@@ -227,8 +227,10 @@ def forward(
     mask_mode: str | nn.MaskMode = "causal",
     valid: jax.Array | None = None,
     return_states: bool = False,
+    logits: str = "all",
 ):
-    """Logits `[B, T, V]` (fp32) and the updated cache; with `return_states`, also a `StateTrace`.
+    """Logits `[B, T, V]` (fp32; `[B, 1, V]` at each row's last valid token with logits="last") and
+    the updated cache; with `return_states`, also a `StateTrace`.
 
     tokens, positions: [B, T] int32 (positions only checked: the recurrence carries order).
     `valid [B, T]` marks real tokens, a per-row prefix (right padding): padding gets dt = 0 and is
@@ -237,6 +239,7 @@ def forward(
     (starting from the cache's states if given). Only mask_mode "causal" exists for a recurrence.
     """
     _check_inputs(cfg, tokens, positions, cache, mask_mode, valid)
+    require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
     b, t = tokens.shape
     step = cache is not None and t == 1
     valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
@@ -261,13 +264,15 @@ def forward(
         conv, ssm, trace = _stack(outs)
     else:  # prefill reads each weight many times over: stacking once keeps the scan (and its compile time)
         x, (conv, ssm, trace) = lax.scan(layer, x, (_stack(layers), states.conv, states.ssm))
-    logits = lm_head(params, cfg, nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
+    if logits == "last":  # each row's last valid token only (prefill)
+        x = nn.last_valid(x, valid)
+    out = lm_head(params, cfg, nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
     new_cache = None
     if cache is not None:
         new_cache = Mamba2Cache(conv.astype(cache.conv.dtype), ssm, cache.lengths + valid.sum(-1, dtype=jnp.int32))
     if return_states:
-        return logits, new_cache, StateTrace(*trace)
-    return logits, new_cache
+        return out, new_cache, StateTrace(*trace)
+    return out, new_cache
 
 
 def unstack_layers(params: dict) -> dict:

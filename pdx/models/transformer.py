@@ -282,7 +282,14 @@ def forward(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    logits: str = "all",
 ) -> tuple[jax.Array, KVCache | None]:
-    """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
+    """Logits (fp32) and the updated cache; see `hidden_states`.
+
+    logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token
+    only (prefill needs no more, and the LM head is a fifth of a SmolLM2 prefill's FLOPs)."""
+    require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
     x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible)
+    if logits == "last":
+        x = nn.last_valid(x, valid)
     return lm_head(params, cfg, x), cache
