@@ -29,22 +29,25 @@ def attend(
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     *,
     cache_visible: jax.Array | None = None,
+    new_mask: jax.Array | None = None,
     impl: str | None = None,
 ) -> jax.Array:
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
     lengths [B])` -> `[B, T, N, H]`. `cache_visible [B, S]` overrides `slot < lengths` as the set of
-    cached slots that may be attended (dLLM dual cache). `impl` as in `_core.resolve` (None: the
+    cached slots that may be attended (dLLM dual cache). `new_mask [B, T, T]` (optional) is ANDed with the
+    visibility among the new tokens (speculative tree verify: a node sees only its ancestors). `impl` as in `_core.resolve` (None: the
     module setting)."""
     path, interpret = _core.resolve(impl, q)
     if path == "reference":
-        segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
+        visible = layers.visibility(q_pos, q_pos, valid, mode, window)  # [B, T, T]
+        segments = [(k, v, visible if new_mask is None else visible & new_mask)]
         if cache is not None:
             ck, cv, lengths = cache
             slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
             slot_valid = slot_valid if cache_visible is None else cache_visible
             segments.insert(0, (ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window)))
         return layers.attention(q, segments)
-    out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, return_lse=True,
+    out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, mask=new_mask, return_lse=True,
                                       interpret=interpret)
     if cache is None:
         return out

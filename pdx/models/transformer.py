@@ -136,6 +136,7 @@ def hidden_states(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
@@ -146,6 +147,8 @@ def hidden_states(
     per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
     `cache_visible [B, S]` (optional) replaces `slot < lengths[b]` as the set of cached slots the
     queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
+    `tree_mask [B, T, T]` (optional) is ANDed with the visibility among the new tokens: speculative tree
+    verification, where each node (position = prefix length + depth) sees only its ancestors.
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
@@ -174,7 +177,7 @@ def hidden_states(
         """Attention over the cached slots (k, v [B, K, S, H]) and the new keys, then the MLP."""
         with jax.named_scope("attention"):
             o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
-                       cache_visible=cache_visible)
+                       cache_visible=cache_visible, new_mask=tree_mask)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
@@ -250,7 +253,8 @@ def forward(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache; see `hidden_states`."""
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible, tree_mask)
     return lm_head(params, cfg, x), cache
