@@ -35,8 +35,8 @@ def attend(
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
     lengths [B])` -> `[B, T, N, H]`. `cache_visible [B, S]` overrides `slot < lengths` as the set of
     cached slots that may be attended (dLLM dual cache). `new_mask [B, T, T]` (optional) is ANDed with the
-    visibility among the new tokens (speculative tree verify: a node sees only its ancestors). `impl` as in `_core.resolve` (None: the
-    module setting)."""
+    visibility among the new tokens (speculative tree verify: a node sees only its ancestors). `impl` as
+    in `_core.resolve` (None: the module setting)."""
     path, interpret = _core.resolve(impl, q)
     if path == "reference":
         visible = layers.visibility(q_pos, q_pos, valid, mode, window)  # [B, T, T]

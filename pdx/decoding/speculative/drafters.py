@@ -9,6 +9,13 @@ A drafter is a frozen (hashable, static under jit) dataclass with
 token (not yet in the target cache); `k [B]` the current draft budget (adaptive length).
 `probs` are the proposal distributions for lossless sampling; None means the drafts are
 deterministic (one-hot proposals).
+
+A tree drafter (run by `engine.tree_decode`) instead has a static `tree` (`tree.Tree`), `k` = its
+candidate depth, and
+    propose(arrays, state, hist, pos, sampling, key) -> nodes [B, T], node_valid [B, T], state
+    observe(state, logits [B, T+1, V], pos, n)      -> state (sees the target's scores of every node)
+Chain drafters here: PromptLookup, DraftModel (draft_model, layer_skip), `ngram.NGramTable`; tree
+drafters: TreeDraft (tree_draft), `ngram.Lookahead`.
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
                                        jnp.int32(k0))
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    state, c2 = compiled.run(tree_decode if is_tree else spec_decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
+    decode = tree_decode if is_tree else spec_decode
+    state, c2 = compiled.run(decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
                              req.stop_ids)
     s = jax.device_get(state)
     t2 = time.perf_counter()
@@ -211,5 +212,7 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
              "accepted_per_pass": float(s.accepted[:n].sum() / max(int(s.row_passes[:n].sum()), 1)),
              "tokens_per_pass": float((new_tokens - n) / max(int(s.row_passes[:n].sum()), 1)),
              "acceptance_by_position": [float(a / p) if p else 0.0 for a, p in zip(s.accepted_at, s.proposed_at)],
+             "accepted_at": s.accepted_at.tolist(), "proposed_at": s.proposed_at.tolist(),
+             "row_passes": int(s.row_passes[:n].sum()),
              "tokens_per_s": (new_tokens - n) / decode_s if decode_s > 0 else 0.0, "batch_bucket": req.plan.batch}
     return GenerationResult(tokens=tokens, lengths=lengths, stats=stats)

@@ -78,7 +78,8 @@ class Tree:
     @functools.cached_property
     def children(self) -> np.ndarray:
         """[T+1, C]: candidate children of each node in order, -1 padded (C = the widest branching)."""
-        kids = [[i for i, p in enumerate(self.parents) if p == u and self.candidate[i]] for u in range(len(self.parents))]
+        nodes = range(len(self.parents))
+        kids = [[i for i in nodes if self.parents[i] == u and self.candidate[i]] for u in nodes]
         width = max(1, max(len(k) for k in kids))
         return np.array([k + [-1] * (width - len(k)) for k in kids], np.int32)
 
