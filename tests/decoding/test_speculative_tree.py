@@ -124,3 +124,34 @@ def test_greedy_identical_to_ar_smollm2_8_prompts(smollm2, humaneval, kind):
             out = engine.generate(smollm2, group, drafter=drafter, max_new_tokens=128)
             assert [out.row(i) for i in range(len(group))] == [ref.row(i) for i in range(len(group))]
             assert out.stats["target_passes"] < ref.stats["decode_steps"]
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_tree_mask_forward_equals_each_path(tiny_cfg, impl):
+    """Scoring a tree after a cached prefix in one pass (tree_mask, position = prefix + depth) gives every
+    node the logits of a plain causal pass over prefix + its root-to-node path (Pallas in interpret mode)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from pdx.kernels_pallas import use_impl
+    from pdx.models import transformer as tf
+
+    cfg = dataclasses.replace(tiny_cfg, hidden_size=128, head_dim=64)
+    params = tf.init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    t = tree.branching((2, 2))
+    prefix = jnp.array([[5, 9, 3, 7]])
+    nodes = jnp.array([[11, 12, 13, 14, 15, 16, 17]])  # root (newest token) + 6 drafted nodes
+    fwd = jax.jit(tf.forward, static_argnames=("cfg",))
+    with use_impl(impl):
+        cache = tf.init_cache(cfg, 1, 32)
+        _, cache = fwd(params, cfg=cfg, tokens=prefix, positions=jnp.arange(4)[None], cache=cache)
+        logits, _ = fwd(params, cfg=cfg, tokens=nodes, positions=4 + jnp.asarray(t.depth)[None], cache=cache,
+                        tree_mask=jnp.asarray(t.mask)[None])
+    # every prefix + path, right-padded to the deepest (causal: padding after a token does not change it)
+    paths = t.ancestors[np.arange(t.size + 1)[:, None], np.minimum(np.arange(3), t.depth[:, None])]  # [T+1, 3]
+    seqs = jnp.concatenate([jnp.broadcast_to(prefix, (t.size + 1, 4)), nodes[0][paths]], axis=1)  # [T+1, 7]
+    ref, _ = fwd(params, cfg=cfg, tokens=seqs, positions=jnp.broadcast_to(jnp.arange(7), seqs.shape))
+    ref = np.asarray(ref)[np.arange(t.size + 1), 4 + t.depth]  # [T+1, V]
+    np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=1e-4, rtol=0)

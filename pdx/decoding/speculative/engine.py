@@ -6,6 +6,9 @@ the target's own next token (correction or bonus), so every pass emits n+1 token
 cache then keeps exactly last, d_1..d_n (its `lengths` is set back). Greedy verification is
 exact match, so the output is token-identical to the AR engine; sampling uses lossless
 rejection sampling. K is static; the per-row draft budget k (adaptive length) is traced.
+
+Tree drafters (`tree_decode`) score a static tree of drafted nodes in the same single pass (tree
+attention mask) and move the accepted path's K/V into consecutive slots; see `tree.py`.
 """
 
 from __future__ import annotations
