@@ -21,6 +21,13 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "spec-layerskip": ("pdx.decoding.speculative.strategies:spec_layerskip",
                        "speculative, the target minus some layers drafts "
                        "(options: skip=[...]|auto, num_skip, k, adaptive)"),
+    "spec-aded": ("pdx.decoding.speculative.strategies:spec_aded",
+                  "speculative, adaptive n-gram tables learned online (options: k, contexts, slots, adaptive)"),
+    "spec-tree": ("pdx.decoding.speculative.strategies:spec_tree",
+                  "speculative, a static draft tree verified in one pass "
+                  "(options: tree=[3,2,1,1], draft=PATH or skip=[...]|auto, num_skip)"),
+    "lookahead": ("pdx.decoding.speculative.strategies:lookahead",
+                  "lookahead decoding, the target alone (options: window, ngram_size, guesses)"),
     "llada": ("pdx.decoding.diffusion.llada:generate",
               "dLLM (LLaDA): fixed steps per block, low-confidence/random remasking, CFG, optional KV cache"),
     "fast-dllm": ("pdx.decoding.diffusion.fast_dllm:generate",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pdx.errors import require
 from pdx.kernels_pallas import _core, decode_attention, flash_attention
 from pdx.models import layers
 from pdx.models.layers import MaskMode
@@ -30,6 +31,7 @@ def attend(
     *,
     cache_visible: jax.Array | None = None,
     new_in_cache: bool = False,
+    new_mask: jax.Array | None = None,
     impl: str | None = None,
 ) -> jax.Array:
     """`q [B, T, N, H]` over new keys `k, v [B, K, T, H]` and an optional `cache = (k, v [B, K, S, H],
@@ -37,9 +39,12 @@ def attend(
     cached slots that may be attended (dLLM dual cache). `new_in_cache`: the caller already wrote
     the new keys into the cache at slots `lengths[b] + t` (`valid` a per-row prefix, slot = position),
     so one pass over the cache's first `lengths + valid.sum(-1)` slots covers both segments with no
-    merge. `impl` as in `_core.resolve` (None: the module setting)."""
+    merge (not with `new_mask`). `new_mask [B, T, T]` (optional) is ANDed with the visibility among
+    the new tokens (speculative tree verify: a node sees only its ancestors). `impl` as in
+    `_core.resolve` (None: the module setting)."""
     path, interpret = _core.resolve(impl, q)
     if new_in_cache:
+        require(new_mask is None, "new_in_cache cannot take a new_mask (tree nodes' positions are not their slots)")
         ck, cv, lengths = cache
         slot_pos, slot_valid = decode_attention.slots(lengths + valid.sum(-1, dtype=lengths.dtype), ck.shape[2])
         if path == "reference":
@@ -47,14 +52,15 @@ def attend(
         out = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, interpret=interpret)
         return out.astype(q.dtype)
     if path == "reference":
-        segments = [(k, v, layers.visibility(q_pos, q_pos, valid, mode, window))]
+        visible = layers.visibility(q_pos, q_pos, valid, mode, window)  # [B, T, T]
+        segments = [(k, v, visible if new_mask is None else visible & new_mask)]
         if cache is not None:
             ck, cv, lengths = cache
             slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
             slot_valid = slot_valid if cache_visible is None else cache_visible
             segments.insert(0, (ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window)))
         return layers.attention(q, segments)
-    out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, return_lse=True,
+    out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, mask=new_mask, return_lse=True,
                                       interpret=interpret)
     if cache is None:
         return out

@@ -163,6 +163,7 @@ def hidden_states(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
@@ -173,6 +174,8 @@ def hidden_states(
     per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
     `cache_visible [B, S]` (optional) replaces `slot < lengths[b]` as the set of cached slots the
     queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
+    `tree_mask [B, T, T]` (optional) is ANDed with the visibility among the new tokens: speculative tree
+    verification, where each node (position = prefix length + depth) sees only its ancestors.
     """
     mode = nn.as_mask_mode(mask_mode)
     b, t = tokens.shape
@@ -202,9 +205,9 @@ def hidden_states(
 
         written: the new keys are already in the cached buffers (at slots lengths[b]...)."""
         with jax.named_scope("attention"):
-            in_cache = written and cached is not None and cache_visible is None
+            in_cache = written and cached is not None and cache_visible is None and tree_mask is None
             o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
-                       cache_visible=cache_visible, new_in_cache=in_cache)
+                       cache_visible=cache_visible, new_in_cache=in_cache, new_mask=tree_mask)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
@@ -282,6 +285,7 @@ def forward(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
     logits: str = "all",
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits (fp32) and the updated cache; see `hidden_states`.
@@ -289,7 +293,7 @@ def forward(
     logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token
     only (prefill needs no more, and the LM head is a fifth of a SmolLM2 prefill's FLOPs)."""
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible, tree_mask)
     if logits == "last":
         x = nn.last_valid(x, valid)
     return lm_head(params, cfg, x), cache

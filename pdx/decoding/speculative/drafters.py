@@ -9,11 +9,19 @@ A drafter is a frozen (hashable, static under jit) dataclass with
 token (not yet in the target cache); `k [B]` the current draft budget (adaptive length).
 `probs` are the proposal distributions for lossless sampling; None means the drafts are
 deterministic (one-hot proposals).
+
+A tree drafter (run by `engine.tree_decode`) instead has a static `tree` (`tree.Tree`), `k` = its
+candidate depth, and
+    propose(arrays, state, hist, pos, sampling, key) -> nodes [B, T], node_valid [B, T], state
+    observe(state, logits [B, T+1, V], pos, n)      -> state (sees the target's scores of every node)
+Chain drafters here: PromptLookup, DraftModel (draft_model, layer_skip), `ngram.NGramTable`; tree
+drafters: TreeDraft (tree_draft), `ngram.Lookahead`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -22,6 +30,8 @@ from jax import lax
 
 from pdx.decoding.ar import Plan, prefill_cache
 from pdx.decoding.sampling import SamplingParams, filter_logits
+from pdx.decoding.speculative import tree
+from pdx.errors import InvalidInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +158,6 @@ def calibrate_layer_skip(model, prompts: list[list[int]], num_skip: int) -> list
     """
     import numpy as np
 
-    from pdx.errors import InvalidInputError
-
     n = model.cfg.num_layers
     if not (isinstance(num_skip, int) and 0 <= num_skip < n):
         raise InvalidInputError(f"num_skip must be an int in [0, {n}), got {num_skip!r}")
@@ -171,3 +179,71 @@ def calibrate_layer_skip(model, prompts: list[list[int]], num_skip: int) -> list
         scores = {i: agreement(skipped + [i]) for i in range(n) if i not in skipped}
         skipped.append(max(scores, key=lambda i: (scores[i], -i)))
     return sorted(skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeDraft:
+    """A draft model (`draft_model` / `layer_skip`) fills a static tree: the top-`branches[d]` tokens of
+    the draft after every node at depth d become its children (`tree.branching`).
+
+    One catch-up pass (the tokens the target accepted since the last call, then the root) and one
+    pass per further depth over the nodes drafted so far, with the tree mask; the draft cache keeps
+    only the accepted prefix. Candidates are deterministic, so stochastic verification treats them
+    as point-mass proposals (`tree.verify_sampling`).
+    """
+
+    draft: DraftModel
+    branches: tuple[int, ...]
+
+    def __post_init__(self):
+        tree.branching(self.branches)  # validates the shape
+
+    @functools.cached_property
+    def tree(self):
+        return tree.branching(self.branches)
+
+    @property
+    def k(self) -> int:
+        return len(self.branches)
+
+    @property
+    def cfg(self):
+        return self.draft.cfg
+
+    def arrays(self, model):
+        return self.draft.params
+
+    def init(self, params, plan: Plan, prompt_buf, prompt_lens):
+        return self.draft.init(params, plan, prompt_buf, prompt_lens)
+
+    def propose(self, params, cache, hist, pos, sampling, key):
+        b, s = hist.shape
+        depth = self.k
+        start = jnp.minimum(cache.lengths, pos)
+        count = pos - start + 1  # <= depth + 1: the accepted path, then the root
+        offsets = jnp.arange(depth + 1)
+        tokens = jnp.take_along_axis(hist, jnp.clip(start[:, None] + offsets, 0, s - 1), axis=1)
+        cache = dataclasses.replace(cache, lengths=start)
+        logits, cache = self.draft._step(params, cache, tokens, start[:, None] + offsets, offsets < count[:, None])
+        root = jnp.take_along_axis(logits, (count - 1)[:, None, None], axis=1)  # [B, 1, V]
+        nodes = lax.top_k(root, self.branches[0])[1].reshape(b, -1).astype(jnp.int32)  # [B, b_1]
+        mask = self.tree.mask[1:, 1:]  # [T, T] among the drafted nodes (the root sits in the cache)
+        node_pos = pos[:, None] + self.tree.depth[1:]  # [B, T]
+        for (lo, hi), width in zip(tree.level_slices(self.branches)[:-1], self.branches[1:]):
+            logits, cache = self.draft.family.forward(
+                params, self.draft.cfg, nodes, node_pos[:, : hi - 1], cache,
+                tree_mask=jnp.broadcast_to(mask[: hi - 1, : hi - 1], (b, hi - 1, hi - 1)))
+            cache = dataclasses.replace(cache, lengths=pos + 1)
+            kids = lax.top_k(logits[:, lo - 1 : hi - 1], width)[1].reshape(b, -1).astype(jnp.int32)
+            nodes = jnp.concatenate([nodes, kids], axis=1)
+        return nodes, jnp.ones(nodes.shape, bool), cache  # [B, T]
+
+    def observe(self, state, logits, pos, n):
+        return state
+
+
+def tree_draft(drafter: DraftModel, branches) -> TreeDraft:
+    """Tree drafter from a chain `DraftModel` (its K is ignored; the depth is `len(branches)`)."""
+    if not isinstance(drafter, DraftModel):
+        raise InvalidInputError("a tree is drafted by a DraftModel (draft_model or layer_skip)")
+    return TreeDraft(draft=drafter, branches=tuple(branches) if isinstance(branches, (list, tuple)) else branches)

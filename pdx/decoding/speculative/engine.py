@@ -6,6 +6,9 @@ the target's own next token (correction or bonus), so every pass emits n+1 token
 cache then keeps exactly last, d_1..d_n (its `lengths` is set back). Greedy verification is
 exact match, so the output is token-identical to the AR engine; sampling uses lossless
 rejection sampling. K is static; the per-row draft budget k (adaptive length) is traced.
+
+Tree drafters (`tree_decode`) score a static tree of drafted nodes in the same single pass (tree
+attention mask) and move the accepted path's K/V into consecutive slots; see `tree.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jax import lax
 from pdx.decoding import ar, compiled
 from pdx.decoding.result import GenerationResult
 from pdx.decoding.sampling import SamplingParams
+from pdx.decoding.speculative import tree
 from pdx.decoding.speculative.verify import verify_greedy, verify_sampling
 from pdx.errors import require
 
@@ -70,11 +74,43 @@ def spec_prefill(params, draft_arrays, prompt_buf, prompt_lens, sampling, stop_i
     return spec, chunks
 
 
+def _advance(s: SpecState, cache, path_tokens, n, nxt, proposed, drafted, stop_ids, *, k, dstate, key) -> SpecState:
+    """Bookkeeping shared by chain and tree verification after one target pass.
+
+    path_tokens [B, D]: the accepted tokens d_1..d_n (entries past n are ignored); nxt [B]: the
+    target's token after them; proposed [B, D]: draft positions offered (per-position stats);
+    drafted [B]: tokens proposed. `cache` must already hold last, d_1..d_n at slots pos..pos+n.
+    """
+    d = path_tokens.shape[1]
+    n_max = s.out.shape[1] - s.accepted_at.shape[0] - 1
+    steps = jnp.arange(d + 1)
+    emitted = jnp.where(steps < n[:, None], jnp.concatenate([path_tokens, path_tokens[:, :1]], axis=1), 0)
+    emitted = jnp.where(steps == n[:, None], nxt[:, None], emitted)  # [B, D+1]: d_1..d_n, next
+    is_stop = jnp.isin(emitted, stop_ids) & (steps <= n[:, None])
+    first_stop = jnp.argmax(is_stop, axis=1)
+    count = jnp.where(is_stop.any(axis=1), first_stop + 1, n + 1)
+    count = jnp.where(s.done, 0, jnp.minimum(count, n_max - s.num_new))
+    out = _write_at(s.out, emitted, s.num_new)
+    hist = _write_at(s.hist, emitted, s.pos + 1)
+    num_new = s.num_new + count
+    done = s.done | is_stop.any(axis=1) | (num_new >= n_max)
+    active = ~s.done
+    cache = dataclasses.replace(cache, lengths=jnp.where(active, s.pos + 1 + n, s.pos))
+    depth = jnp.arange(s.accepted_at.shape[0])
+    return SpecState(
+        cache=cache, hist=hist, pos=jnp.where(active, s.pos + 1 + n, s.pos), out=out, num_new=num_new,
+        done=done, k=jnp.where(active, k, s.k), drafter=dstate, key=key, passes=s.passes + 1,
+        row_passes=s.row_passes + active, drafted=s.drafted + jnp.where(active, drafted, 0),
+        accepted=s.accepted + jnp.where(active, n, 0),
+        accepted_at=s.accepted_at + jnp.sum((depth < n[:, None]) & active[:, None], axis=0),
+        proposed_at=s.proposed_at + jnp.sum(proposed & active[:, None], axis=0))
+
+
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
 def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams, stop_ids, *, family, cfg, drafter,
                 adaptive: bool):
+    """Chain drafts: the drafter proposes up to K tokens, the target verifies K+1 positions."""
     kmax = drafter.k
-    n_max = state.out.shape[1] - kmax - 1
     steps = jnp.arange(kmax + 1)
 
     def body(s: SpecState) -> SpecState:
@@ -92,29 +128,44 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         n, nxt = lax.cond(sampling.temperature > 0,
                           lambda: verify_sampling(logits, drafts, n_draft, probs, sampling, k_verify),
                           lambda: verify_greedy(logits, drafts, n_draft))
-        emitted = jnp.where(steps < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], axis=1), 0)
-        emitted = jnp.where(steps == n[:, None], nxt[:, None], emitted)  # [B, K+1]: d_1..d_n, next
-        is_stop = jnp.isin(emitted, stop_ids) & (steps <= n[:, None])
-        first_stop = jnp.argmax(is_stop, axis=1)
-        count = jnp.where(is_stop.any(axis=1), first_stop + 1, n + 1)
-        count = jnp.where(s.done, 0, jnp.minimum(count, n_max - s.num_new))
-        out = _write_at(s.out, emitted, s.num_new)
-        hist = _write_at(s.hist, emitted, s.pos + 1)
-        num_new = s.num_new + count
-        done = s.done | is_stop.any(axis=1) | (num_new >= n_max)
-        active = ~s.done
-        cache = dataclasses.replace(cache, lengths=jnp.where(active, s.pos + 1 + n, s.pos))
         k = s.k
         if adaptive:  # grow on full acceptance, shrink on a rejection
             k = jnp.where(n >= n_draft, jnp.minimum(k + 1, kmax), jnp.maximum(k - 1, 1))
-            k = jnp.where(active, k, s.k)
-        positions_k = jnp.arange(kmax)
-        return SpecState(
-            cache=cache, hist=hist, pos=jnp.where(active, s.pos + 1 + n, s.pos), out=out, num_new=num_new,
-            done=done, k=k, drafter=dstate, key=key, passes=s.passes + 1, row_passes=s.row_passes + active,
-            drafted=s.drafted + n_draft, accepted=s.accepted + jnp.where(active, n, 0),
-            accepted_at=s.accepted_at + jnp.sum((positions_k < n[:, None]) & active[:, None], axis=0),
-            proposed_at=s.proposed_at + jnp.sum(positions_k < n_draft[:, None], axis=0))
+        proposed = jnp.arange(kmax) < n_draft[:, None]
+        return _advance(s, cache, drafts, n, nxt, proposed, n_draft, stop_ids, k=k, dstate=dstate, key=key)
+
+    return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
+def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams, stop_ids, *, family, cfg, drafter,
+                adaptive: bool = False):
+    """Tree drafts: the drafter fills the static `drafter.tree`; the target scores every node in one pass
+    (tree attention mask, position = pos + depth), the accepted root-to-node path is kept and its K/V
+    moved to consecutive slots. `adaptive` is unused (the tree shape is static)."""
+    tr = drafter.tree
+    depth = jnp.asarray(tr.depth, jnp.int32)  # [T+1]
+    mask = jnp.asarray(tr.mask)  # [T+1, T+1]
+
+    def body(s: SpecState) -> SpecState:
+        key, k_draft, k_verify = jax.random.split(s.key, 3)
+        nodes, node_valid, dstate = drafter.propose(draft_arrays, s.drafter, s.hist, s.pos, sampling, k_draft)
+        node_valid &= ~s.done[:, None]  # [B, T]
+        last = jnp.take_along_axis(s.hist, s.pos[:, None], axis=1)  # [B, 1]
+        tokens = jnp.concatenate([last, nodes], axis=1)  # [B, T+1]
+        b, t = tokens.shape
+        valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
+        logits, cache = family.forward(params, cfg, tokens, s.pos[:, None] + depth, s.cache, valid=valid,
+                                       tree_mask=jnp.broadcast_to(mask, (b, t, t)))  # [B, T+1, V]
+        n, path, nxt = lax.cond(sampling.temperature > 0,
+                                lambda: tree.verify_sampling(tr, logits, tokens, node_valid, sampling, k_verify),
+                                lambda: tree.verify_greedy(tr, logits, tokens, node_valid))
+        dstate = drafter.observe(dstate, logits, s.pos, n)
+        cache = tree.compact(cache, s.pos, path)
+        path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
+        proposed = tree.offered_by_depth(tr, node_valid)
+        drafted = jnp.sum(node_valid & jnp.asarray(tr.candidate[1:]), axis=1)
+        return _advance(s, cache, path_tokens, n, nxt, proposed, drafted, stop_ids, k=s.k, dstate=dstate, key=key)
 
     return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
@@ -125,8 +176,11 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
 
     adaptive: grow the per-row draft budget on full acceptance and shrink it on a rejection
     (within the drafter's static K; changing it never recompiles). k_init: the starting budget.
+    A drafter with a `tree` attribute (`tree.Tree`) runs the tree loop (`tree_decode`); its K is the tree depth.
     """
     kmax = drafter.k
+    is_tree = hasattr(drafter, "tree")
+    require(not (is_tree and adaptive), "adaptive draft length applies to chain drafters only (tree shapes are static)")
     require(isinstance(kmax, int) and kmax >= 1, f"draft length K must be an int >= 1, got {kmax!r}")
     k0 = kmax if k_init is None else k_init
     require(1 <= k0 <= kmax, f"k_init must be in [1, K={kmax}], got {k0}")
@@ -136,7 +190,7 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
         require(draft_cfg.vocab_size == model.cfg.vocab_size,
                 f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs from the target's "
                 f"({model.cfg.vocab_size}); speculative decoding needs a shared vocabulary")
-    req = ar.make_request(model, prompts, options, step_tokens=kmax + 2)
+    req = ar.make_request(model, prompts, options, step_tokens=(drafter.tree.size if is_tree else kmax) + 2)
     statics = {"family": model.family, "cfg": model.cfg, "drafter": drafter}
     arrays = drafter.arrays(model)
     t0 = time.perf_counter()
@@ -145,7 +199,8 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
                                        jnp.int32(k0))
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    state, c2 = compiled.run(spec_decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
+    decode = tree_decode if is_tree else spec_decode
+    state, c2 = compiled.run(decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
                              req.stop_ids)
     s = jax.device_get(state)
     t2 = time.perf_counter()
@@ -160,5 +215,7 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
              "accepted_per_pass": float(s.accepted[:n].sum() / max(int(s.row_passes[:n].sum()), 1)),
              "tokens_per_pass": float((new_tokens - n) / max(int(s.row_passes[:n].sum()), 1)),
              "acceptance_by_position": [float(a / p) if p else 0.0 for a, p in zip(s.accepted_at, s.proposed_at)],
+             "accepted_at": s.accepted_at.tolist(), "proposed_at": s.proposed_at.tolist(),
+             "row_passes": int(s.row_passes[:n].sum()),
              "tokens_per_s": (new_tokens - n) / decode_s if decode_s > 0 else 0.0, "batch_bucket": req.plan.batch}
     return GenerationResult(tokens=tokens, lengths=lengths, stats=stats)

@@ -1,4 +1,5 @@
-"""CLI-facing speculative strategies (`pdx generate --strategy spec-pld|spec-draft|spec-layerskip`).
+"""CLI-facing speculative strategies (`pdx generate --strategy spec-pld|spec-aded|spec-draft|spec-layerskip|
+spec-tree|lookahead`).
 
 Each takes `generate(model, prompts, **options)`; drafter options (k, adaptive, ...) are peeled
 off here and the rest go to the engine (same names as `pdx.decoding.ar.generate`).
@@ -6,7 +7,7 @@ off here and the rest go to the engine (same names as `pdx.decoding.ar.generate`
 
 from __future__ import annotations
 
-from pdx.decoding.speculative import drafters, engine
+from pdx.decoding.speculative import drafters, engine, ngram
 from pdx.errors import InvalidInputError
 
 
@@ -20,13 +21,29 @@ def spec_pld(model, prompts, *, k: int = 4, max_ngram: int = 3, adaptive: bool =
 
 def spec_draft(model, prompts, *, draft=None, k: int = 4, adaptive: bool = False, **options):
     """A second model drafts: `draft` is a `pdx.Model` or a path that `pdx.load_model` reads."""
-    from pdx.model import Model, load_model
-
     if draft is None:
         raise InvalidInputError("spec-draft needs a draft model: --option draft=PATH (GGUF or HF directory)")
-    draft_model = draft if isinstance(draft, Model) else load_model(draft)
-    return engine.generate(model, prompts, drafter=drafters.draft_model(model, draft_model, k), adaptive=adaptive,
-                           **options)
+    drafter = drafters.draft_model(model, _load_draft(draft), k)
+    return engine.generate(model, prompts, drafter=drafter, adaptive=adaptive, **options)
+
+
+def _load_draft(draft):
+    from pdx.model import Model, load_model
+
+    return draft if isinstance(draft, Model) else load_model(draft)
+
+
+def _skip_layers(model, prompts, skip, num_skip):
+    """`skip` as given (a list of layer indices), searched ("auto"), or the default heuristic."""
+    n = model.cfg.num_layers
+    if skip == "auto":
+        skip = drafters.calibrate_layer_skip(model, prompts, n // 3 if num_skip is None else num_skip)
+    skip = list(range(n // 4, n, 2)) if skip is None else skip
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < n for i in skip):
+        raise InvalidInputError(f"skip must be a list of layer indices in [0, {n}), got {skip!r}")
+    if len(set(skip)) >= n:
+        raise InvalidInputError("skip leaves no layer to draft with")
+    return skip
 
 
 def spec_layerskip(model, prompts, *, skip=None, num_skip: int | None = None, k: int = 4, adaptive: bool = False,
@@ -37,12 +54,30 @@ def spec_layerskip(model, prompts, *, skip=None, num_skip: int | None = None, k:
     prompts themselves with `calibrate_layer_skip`; default every other layer of the upper three
     quarters (a fixed heuristic).
     """
-    n = model.cfg.num_layers
-    if skip == "auto":
-        skip = drafters.calibrate_layer_skip(model, prompts, n // 3 if num_skip is None else num_skip)
-    skip = list(range(n // 4, n, 2)) if skip is None else skip
-    if not isinstance(skip, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < n for i in skip):
-        raise InvalidInputError(f"skip must be a list of layer indices in [0, {n}), got {skip!r}")
-    if len(set(skip)) >= n:
-        raise InvalidInputError("skip leaves no layer to draft with")
+    skip = _skip_layers(model, prompts, skip, num_skip)
     return engine.generate(model, prompts, drafter=drafters.layer_skip(model, skip, k), adaptive=adaptive, **options)
+
+
+def spec_aded(model, prompts, *, k: int = 6, contexts=(3, 2, 1), slots: int = 4096, adaptive: bool = False,
+              **options):
+    """ADED-style adaptive n-gram drafting from tables learned online over prompt and output."""
+    if not isinstance(contexts, (list, tuple)):
+        raise InvalidInputError(f"contexts must be a list of context lengths, got {contexts!r}")
+    return engine.generate(model, prompts, drafter=ngram.NGramTable(k=k, contexts=tuple(contexts), slots=slots),
+                           adaptive=adaptive, **options)
+
+
+def lookahead(model, prompts, *, window: int = 5, ngram_size: int = 4, guesses: int = 5, **options):
+    """Lookahead decoding with the target alone: Jacobi window + n-gram pool, verified in the same pass."""
+    return engine.generate(model, prompts, drafter=ngram.Lookahead(window=window, ngram=ngram_size, guesses=guesses),
+                           **options)
+
+
+def spec_tree(model, prompts, *, tree=(3, 2, 1, 1), draft=None, skip=None, num_skip: int | None = None, **options):
+    """Static-tree speculation: `tree` gives the branching per depth (top-k children of every node);
+    drafted by `draft` (a second model, a path or `pdx.Model`) or else by the layer-skipped target."""
+    if not isinstance(tree, (list, tuple)):
+        raise InvalidInputError(f"tree must be a list of branching factors per depth, e.g. [3, 2, 1], got {tree!r}")
+    chain = (drafters.draft_model(model, _load_draft(draft), 1) if draft is not None
+             else drafters.layer_skip(model, _skip_layers(model, prompts, skip, num_skip), 1))
+    return engine.generate(model, prompts, drafter=drafters.tree_draft(chain, tree), **options)
