@@ -78,6 +78,7 @@ def test_attend_merges_cache_and_new_keys():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_smollm2_same_logits_through_pallas(smollm2):
     """The real SmolLM2: prefill a short prompt into a cache, then one decode step, on both paths."""
     ids = smollm2.tokenizer.encode("def fibonacci(n):")
