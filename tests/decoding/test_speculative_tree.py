@@ -7,8 +7,8 @@ import pytest
 from pdx.decoding import ar, compiled, registry
 from pdx.decoding.speculative import drafters, engine, ngram, tree
 from pdx.errors import InvalidInputError
-from tests.decoding.test_ar import HUMANEVAL, _chi_square_ok
-from tests.decoding.test_speculative import PROMPTS, _exact_joint, tiny
+from tests.decoding.test_ar import HUMANEVAL
+from tests.decoding.test_speculative import PROMPTS, assert_lossless, tiny
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,7 @@ def test_tree_sampling_is_lossless(kind, knobs):
     prompt = [1, 2, 3, 1, 2]
     drafter = ngram.Lookahead(window=2, ngram=3, guesses=2, buckets=8) if kind == "lookahead" else \
         drafters.tree_draft(drafters.draft_model(model, tiny(vocab=5, seed=3, layers=1, scale=0.8), 1), (2, 2))
-    out = engine.generate(model, [prompt] * 2048, drafter=drafter, max_new_tokens=3, stop_token_ids=[],
-                          seed=11, **knobs)
-    assert out.stats["drafted"] > 0 and 0 < out.stats["accepted"] < out.stats["drafted"]
-    probs, seqs = _exact_joint(model, prompt, knobs["temperature"], knobs["top_k"])
-    index = {tuple(s): i for i, s in enumerate(seqs)}
-    samples = np.array([index[tuple(r)] for r in out.tokens])
-    assert _chi_square_ok(samples, probs / probs.sum())
+    assert_lossless(model, prompt, drafter, knobs)
 
 
 def test_bad_options(target):
