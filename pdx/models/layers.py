@@ -88,9 +88,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
-    """`down(silu(gate(x)) * up(x))` with weights `[F, D]`, `[F, D]`, `[D, F]`."""
-    gate = dense("btd,fd->btf", x, w_gate)
-    up = dense("btd,fd->btf", x, w_up)
+    """`down(silu(gate(x)) * up(x))` with weights `[F, D]`, `[F, D]`, `[D, F]`; `w_up=None` means
+    `w_gate` is the fused `[2F, D]` gate-then-up matrix (one matmul instead of two)."""
+    if w_up is None:
+        gate, up = jnp.split(dense("btd,fd->btf", x, w_gate), 2, axis=-1)
+    else:
+        gate, up = dense("btd,fd->btf", x, w_gate), dense("btd,fd->btf", x, w_up)
     return dense("btf,df->btd", jax.nn.silu(gate) * up, w_down)
 
 

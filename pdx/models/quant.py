@@ -40,7 +40,7 @@ def quantize_int8(w: jax.Array) -> QuantizedWeight:
 
 
 # Param names that are matrices (quantized); norms and biases stay fp32.
-MATRICES = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+MATRICES = ("embed", "lm_head", "wq", "wk", "wv", "wqkv", "wo", "w_gate", "w_up", "w_gate_up", "w_down")
 
 
 def quantize_params(params: dict) -> dict:

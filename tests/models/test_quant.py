@@ -24,7 +24,7 @@ def test_quantized_model_tracks_fp32(tiny_cfg):
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
     qparams = quantize_params(tf.unstack_layers(params))
     assert isinstance(qparams["embed"], QuantizedWeight)
-    assert isinstance(qparams["layers"][0]["w_up"], QuantizedWeight)
+    assert isinstance(qparams["layers"][0]["w_gate_up"], QuantizedWeight)
     assert not isinstance(qparams["layers"][0]["attn_norm"], QuantizedWeight)
     tokens = jnp.arange(12)[None] % tiny_cfg.vocab_size
     pos = jnp.arange(12)[None]

@@ -12,6 +12,7 @@ import pdx
 from pdx.errors import ConfigError, InvalidInputError
 from pdx.models import transformer as tf
 from pdx.models.layers import BIDIRECTIONAL, MaskMode
+from pdx.models.quant import quantize_params
 
 ATOL = 1e-4  # fp32, tiny models: logits of magnitude ~1
 
@@ -170,6 +171,7 @@ def test_unstacked_layers_match_scan(tiny_cfg, per_layer_cache):
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
     flat = tf.unstack_layers(params)
     assert isinstance(flat["layers"], list) and len(flat["layers"]) == tiny_cfg.num_layers
+    assert {"wqkv", "w_gate_up"} <= set(flat["layers"][0]) and not {"wq", "w_up"} & set(flat["layers"][0])
     tokens = jnp.array([[3, 1, 4, 1, 5, 9], [9, 2, 6, 5, 3, 5]])
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     valid = jnp.array([[True] * 5 + [False], [True] * 3 + [False] * 3])  # ragged prefill
@@ -184,6 +186,20 @@ def test_unstacked_layers_match_scan(tiny_cfg, per_layer_cache):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)  # fusion order differs slightly
     restacked = tf.stack_layers(flat)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), restacked, params))
+
+
+def test_fused_layer_round_trip_with_biases_and_int8(tiny_cfg):
+    """`fuse_layer`/`split_layer` keep every value: q/k/v biases and int8 weights with their scales."""
+    cfg = dataclasses.replace(tiny_cfg, attention_bias=True)
+    params = tf.init_params(cfg, jax.random.PRNGKey(1), scale=0.2)
+    layer = jax.tree.map(lambda a: a[0], params["layers"])
+    for p in (layer, quantize_params(layer)):
+        fused = tf.fuse_layer(p)
+        assert {"wqkv", "bqkv", "w_gate_up"} <= set(fused) and "bq" not in fused
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), tf.split_layer(fused), p))
+    tokens, pos = jnp.array([[3, 1, 4, 1]]), jnp.arange(4)[None]
+    np.testing.assert_allclose(np.asarray(tf.forward(tf.unstack_layers(params), cfg, tokens, pos)[0]),
+                               np.asarray(tf.forward(params, cfg, tokens, pos)[0]), atol=1e-5)
 
 
 def test_config_and_mask_errors(tiny_cfg):
