@@ -185,6 +185,8 @@ def attention(q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array
     out, start = 0, 0
     for k, v, _ in segments:
         p = probs[..., start : start + k.shape[2]]
-        out = out + jnp.einsum("bkgts,bksh->btkgh", p, v.astype(q.dtype))
+        # [B, K, G, T, H]: with the output in this order XLA CPU reads v in place; asking for
+        # "btkgh" made it transpose every cached v (a whole-buffer copy per layer per step)
+        out = out + jnp.einsum("bkgts,bksh->bkgth", p, v.astype(q.dtype))
         start += k.shape[2]
-    return out.reshape(b, t, n, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
