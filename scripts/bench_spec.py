@@ -25,23 +25,23 @@ def strategies(model, args) -> dict:
     """name -> (drafter, adaptive); every drafter family, fixed and adaptive draft length."""
     n = model.cfg.num_layers
     skip = list(range(n // 4, n, 2))  # the default layer-skip heuristic of spec-layerskip
-    skipped = drafters.layer_skip(model, skip, 4)
+    skipped = drafters.layer_skip(model, skip, 3)
     out = {
-        "spec-pld k=4": (drafters.PromptLookup(k=4), False),
-        "spec-pld k=8": (drafters.PromptLookup(k=8), False),
-        "spec-pld k=8 adaptive": (drafters.PromptLookup(k=8), True),
-        "spec-pld k=12": (drafters.PromptLookup(k=12), False),
-        "spec-aded k=8": (ngram.NGramTable(k=8), False),
-        "spec-aded k=8 adaptive": (ngram.NGramTable(k=8), True),
-        "spec-layerskip k=4": (skipped, False),
-        "spec-layerskip k=4 adaptive": (skipped, True),
+        "spec-pld k=3": (drafters.PromptLookup(k=3), False),
+        "spec-pld k=7": (drafters.PromptLookup(k=7), False),
+        "spec-pld k=7 adaptive": (drafters.PromptLookup(k=7), True),
+        "spec-aded k=3": (ngram.NGramTable(k=3), False),
+        "spec-aded k=7": (ngram.NGramTable(k=7), False),
+        "spec-aded k=7 adaptive": (ngram.NGramTable(k=7), True),
+        "spec-layerskip k=3": (skipped, False),
+        "spec-layerskip k=3 adaptive": (skipped, True),
         "lookahead W=5 N=4 G=5": (ngram.Lookahead(window=5, ngram=4, guesses=5), False),
         "lookahead W=3 N=6 G=3": (ngram.Lookahead(window=3, ngram=6, guesses=3), False),
         "spec-tree (3,2,1,1) layerskip": (drafters.tree_draft(skipped, (3, 2, 1, 1)), False),
     }
     if args.draft:
-        draft = drafters.draft_model(model, load_model(args.draft), 4)
-        out["spec-draft k=4"] = (draft, False)
+        draft = drafters.draft_model(model, load_model(args.draft), 3)
+        out["spec-draft k=3"] = (draft, False)
         out["spec-tree (3,2,1,1) draft"] = (drafters.tree_draft(draft, (3, 2, 1, 1)), False)
     if args.only:
         out = {k: v for k, v in out.items() if any(o in k for o in args.only)}

@@ -11,15 +11,32 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
 
 
 def dense(eq: str, x: jax.Array, w) -> jax.Array:
-    """`einsum(eq, x, w)` in the activation dtype; `w` may be a `pdx.models.quant.QuantizedWeight`."""
+    """`einsum(eq, x, w)` in the activation dtype; `w` may be a `pdx.models.quant.QuantizedWeight`.
+
+    `eq` is always "x[..., in], w[out, in] -> [..., out]". On CPU with more than one row the
+    product is computed weights-first (`w @ x^T`, see `_weights_first`)."""
     if hasattr(w, "dequantized_einsum"):
         return w.dequantized_einsum(eq, x)
-    return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+    w = w.astype(x.dtype) if w.dtype != x.dtype else w
+    rows = math.prod(x.shape[:-1])
+    if rows > 1 and w.ndim == 2 and jax.default_backend() == "cpu":
+        return _weights_first(x, w)
+    return jnp.einsum(eq, x, w)
+
+
+def _weights_first(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., in] @ w[out, in]^T` as `(w @ x^T)^T`: XLA CPU's GEMM runs a few rows (speculative
+    verify, batched decode, prefill chunks) 1.1-1.7x faster with the weight as the left operand
+    (measured on SmolLM2: a 4-token forward 62 -> 37 ms, 8 tokens 76 -> 50 ms; one row is a
+    gemv either way). The barrier keeps XLA from folding the transpose back into the dot."""
+    y = lax.dot_general(w, x.reshape(-1, x.shape[-1]), (((1,), (1,)), ((), ())))  # [out, rows]
+    return lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
 
 
 def embed(table, tokens: jax.Array) -> jax.Array:
