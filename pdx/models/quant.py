@@ -23,8 +23,11 @@ class QuantizedWeight:
         return self.q.shape
 
     def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
-        """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis."""
-        return jnp.einsum(eq, x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
+        """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. The
+        dequantized matrix goes through `layers.dense`, so several rows run weights-first on CPU."""
+        from pdx.models.layers import dense
+
+        return dense(eq, x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
 
     def rows(self, ids: jax.Array) -> jax.Array:
         """Dequantized rows `w[ids]` (embedding lookup), shape `ids.shape + (in,)`, fp32."""
