@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pdx.models.layers import dense
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -25,8 +27,6 @@ class QuantizedWeight:
     def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
         """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. The
         dequantized matrix goes through `layers.dense`, so several rows run weights-first on CPU."""
-        from pdx.models.layers import dense
-
         return dense(eq, x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
 
     def rows(self, ids: jax.Array) -> jax.Array:
