@@ -44,6 +44,7 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
                  dict(threshold=t, cache=cache, block_size=BLOCK)) for t in (0.99, 0.9, 0.7, 0.5)]
     out += [(f"factor {f} dual", "factor+dual", fast_dllm.generate, dict(factor=f, cache="dual", block_size=BLOCK))
             for f in (1.0, 2.0, 4.0)]
+    out += [(f"llada 1 tok/step, block {gen}", f"llada block {gen}", llada.generate, dict(steps=gen, block_size=gen))]
     out += [(f"threshold {t} dual, block {gen}", f"threshold+dual block {gen}", fast_dllm.generate,
              dict(threshold=t, cache="dual", block_size=gen)) for t in (0.9, 0.7, 0.5)]
     return out
