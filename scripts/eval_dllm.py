@@ -1,8 +1,9 @@
 """Accuracy vs NFE and wall-clock of the dLLM decoders on the tiny trained dLLMs (held-out task instances).
 
 For each task of the synthetic suite (pdx/train/tasks.py), on its own tiny model, and each decoding
-setting: LLaDA with 1 token per step (the baseline) and with fewer fixed steps, Fast-dLLM threshold / factor decoding
-with no cache, prefix cache and dual cache, on the bidirectional model, and the exact caches on the
+setting: LLaDA with 1 token per step (the baseline, in 16-token blocks and in one block over the whole answer) and
+with fewer fixed steps, Fast-dLLM threshold / factor decoding with no cache, prefix cache and dual cache, on the
+bidirectional model, and the exact caches on the
 block-diffusion model. NFE per token counts each row's forward passes (what the row would cost
 alone) over its generated tokens (up to and including EOS). Writes JSON, a markdown table and an
 accuracy-vs-NFE plot under bench/.
