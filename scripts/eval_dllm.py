@@ -61,8 +61,7 @@ def evaluate(models: dict, n: int, runs, gen: int) -> list[dict]:
             t0 = time.perf_counter()
             result = fn(model, prompts, max_new_tokens=gen, prompt_bucket=tasks.PROMPT_LEN, **options)
             wall = time.perf_counter() - t0
-            outs = [result.row(i)[:-1] if result.row(i)[-1:] == [tasks.EOS] else result.row(i) for i in range(n)]
-            correct = [tasks.TASKS[name].check(p, o) for p, o in zip(prompts, outs)]
+            correct = [tasks.solved(name, p, result.row(i)) for i, p in enumerate(prompts)]
             tokens = int(result.lengths.sum())
             rows.append(dict(setting=label, family=family, task=name, easy=tasks.TASKS[name].easy,
                              accuracy=100.0 * float(np.mean(correct)),

@@ -174,6 +174,11 @@ TASKS = {
 }
 
 
+def solved(name: str, prompt: list[int], row: list[int]) -> bool:
+    """Whether a decoded row (generated tokens, ending in EOS unless cut off) solves task `name` for `prompt`."""
+    return TASKS[name].check(prompt, row[:-1] if row[-1:] == [EOS] else row)
+
+
 def target(answer: list[int], gen_len: int = GEN_LEN) -> list[int]:
     """What the model learns to write: the answer, then EOS up to the generation length."""
     return answer + [EOS] * (gen_len - len(answer))

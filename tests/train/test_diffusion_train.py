@@ -141,6 +141,13 @@ def test_task_checkers_accept_answers_and_reject_corruptions():
     assert choice(prompt, [23] * 5) and not choice(prompt, [22, 23, 23, 23, 23])  # a mix of two words
 
 
+def test_solved_scores_a_decoded_row_with_or_without_its_eos():
+    prompt, answer = tasks.TASKS["copy"].make(np.random.default_rng(1))
+    assert tasks.solved("copy", prompt, answer + [tasks.EOS]) and tasks.solved("copy", prompt, answer)
+    assert not tasks.solved("copy", prompt, answer + [tasks.EOS, tasks.EOS])  # one EOS ends the row, not two
+    assert not tasks.solved("copy", prompt, answer[:-1] + [tasks.EOS])
+
+
 def test_optimizer_schedule_warms_up():
     opt = diffusion.optimizer(diffusion.TrainConfig(steps=100, warmup=10, lr=1e-2))
     params = {"w": jnp.ones(3)}

@@ -24,8 +24,7 @@ def _decode(task: str, block: int = 16, **threshold_options):
                               **threshold_options)
     out = []
     for result in (base, fast):
-        rows = [result.row(i)[:-1] if result.row(i)[-1:] == [tasks.EOS] else result.row(i) for i in range(N)]
-        acc = np.mean([tasks.TASKS[task].check(p, o) for p, o in zip(prompts, rows)])
+        acc = np.mean([tasks.solved(task, p, result.row(i)) for i, p in enumerate(prompts)])
         out.append((float(acc), float(np.sum(result.stats["row_nfe"]) / result.lengths.sum())))
     return out
 
