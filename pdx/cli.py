@@ -41,23 +41,39 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def strategy_options(args) -> dict:
+    """The strategy's options from `--option key=value` and the sampling flags given, checked against its
+    schema before any model loads (a path given to a model-valued option passes as a string)."""
+    from pdx.decoding import registry
+
+    options = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    options |= dict(_parse_option(o) for o in args.option or [])
+    schema = registry.STRATEGIES[args.strategy].options
+    registry.validate(args.strategy, {k: v for k, v in options.items()
+                                      if not (k in schema and schema[k].kind == "model" and isinstance(v, str))})
+    return options
+
+
 def cmd_generate(args) -> None:
     from pdx.decoding import registry
     from pdx.model import load_model
 
-    options = dict(_parse_option(o) for o in args.option or [])
     strategy = registry.get(args.strategy)
+    sampling = strategy_options(args)
     texts = read_prompts(args)
     model = load_model(args.model, dtype=args.dtype)
+    schema = registry.STRATEGIES[args.strategy].options
+    for name, value in sampling.items():  # model-valued options name a path: the CLI loads it
+        if schema[name].kind == "model" and isinstance(value, str):
+            sampling[name] = load_model(value, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
         raise InvalidInputError(f"{model.source} has no tokenizer; pdx generate needs one to read text prompts")
     if args.chat:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-    sampling = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, **options}
-    for name in ("temperature", "top_p", "top_k"):
-        if getattr(args, name) is not None:
-            sampling[name] = getattr(args, name)
     for text in texts:
         ids = tok.encode(text, allow_special=args.chat)
         if args.format == "text" and args.strategy == "ar":
@@ -81,10 +97,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_strategies(args) -> None:
-    from pdx.decoding.registry import STRATEGIES
+    from pdx.decoding import registry
 
-    for name, (_, about) in sorted(STRATEGIES.items()):
-        print(f"{name:16s} {about}")
+    for name in sorted(registry.STRATEGIES):
+        print(f"{name:16s} {registry.describe(name)}")
 
 
 def _run_script(kind: str, name: str, argv: list[str]) -> None:

@@ -42,38 +42,35 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
-    """Load a GGUF file, an HF checkpoint directory (Llama family, LLaDA, Dream) or a tiny dLLM
-    checkpoint written by `pdx.io.orbax_checkpoint` (default: SmolLM2-135M-Instruct).
+    """Load a GGUF file, an HF checkpoint directory (Llama family, LLaDA, Dream, Mamba-2, SambaY) or a tiny
+    dLLM checkpoint written by `pdx.io.orbax_checkpoint` (default: SmolLM2-135M-Instruct).
 
-    dtype: weight storage, "float32", "bfloat16" or "int8" (weight-only, per-channel scales).
-    On CPU the layers come unstacked (a list of per-layer dicts, see `transformer.unstack_layers`);
-    elsewhere stacked for `lax.scan`.
+    dtype: weight storage, "float32", "bfloat16" or "int8" (weight-only, per-channel scales; families
+    that declare `int8_weights`). Every checkpoint kind gets the same treatment: on CPU the layers come
+    unstacked (per-layer arrays, see `transformer.unstack_layers`), elsewhere stacked for `lax.scan`.
     """
     import jax
-    import jax.numpy as jnp
 
     from pdx.io import dllm_hf, gguf_file, hf_checkpoint, mamba2_checkpoint, orbax_checkpoint, tokenizer
-    from pdx.models import mamba2, transformer
+    from pdx.models import mamba2, sambay, transformer
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
-    family = transformer
+    family, tok = transformer, None
     if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
-        return orbax_checkpoint.load_dllm(path)[0]
-    if os.path.isdir(path):
+        cfg, params, _ = orbax_checkpoint.load_dllm(path)
+    elif os.path.isdir(path):
         from pdx.io import sambay_checkpoint  # SambaY / Phi-4-mini-flash (model_type "phi4flash")
 
         if sambay_checkpoint.is_sambay_dir(path):
-            from pdx.models import sambay
-
             cfg, params = sambay_checkpoint.load(path)
             family = sambay
         elif mamba2_checkpoint.is_mamba2_dir(path):  # Mamba-2: HF (model_type "mamba2") or state-spaces naming
             cfg, params = mamba2_checkpoint.load(path)
             family = mamba2
         elif dllm_hf.model_type(path) in dllm_hf.DLLM_TYPES:  # LLaDA / Dream checkpoint formats
-            cfg, params, family = dllm_hf.load(path)
+            cfg, params = dllm_hf.load(path)
         else:
             cfg, params = hf_checkpoint.load_hf_dir(path)
         tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
@@ -82,16 +79,24 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
         tok = tokenizer.from_gguf(reader)
     else:
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
-    params = {k: _to_jax(v, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32) for k, v in params.items()}
+    return Model(cfg=cfg, params=prepare_params(family, cfg, params, dtype, jax.default_backend()), tokenizer=tok,
+                 family=family, source=path)
+
+
+def prepare_params(family, cfg, params: dict, dtype: str, backend: str) -> dict:
+    """Loaded arrays -> the param pytree decoding runs on: `dtype` storage, then the backend's layout
+    (per-layer on CPU, where slicing a stacked layer is a copy; stacked elsewhere)."""
+    import jax.numpy as jnp
+
+    params = _to_jax(params, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     if dtype == "int8":
-        if family is not transformer:
-            raise InvalidInputError("dtype='int8' is implemented for Llama-family transformers only")
+        caps = family.capabilities(cfg)
+        if not caps.int8_weights:
+            raise InvalidInputError(f"dtype='int8' is not implemented for {caps.name}")
         from pdx.models.quant import quantize_params
 
         params = quantize_params(params)
-    if jax.default_backend() == "cpu":  # separate per-layer arrays decode 2-3x faster on XLA CPU
-        params = family.unstack_layers(params)
-    return Model(cfg=cfg, params=params, tokenizer=tok, family=family, source=path)
+    return family.unstack_layers(params) if backend == "cpu" else params
 
 
 def _to_jax(tree, dtype):

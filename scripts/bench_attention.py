@@ -25,7 +25,7 @@ from pdx import benchutil
 from pdx.kernels_pallas import decode_attention as da
 from pdx.kernels_pallas import flash_attention as fa
 from pdx.kernels_pallas.block_mask import skip_stats
-from pdx.models.layers import BIDIRECTIONAL, CAUSAL, MaskMode
+from pdx.masks import BIDIRECTIONAL, CAUSAL, MaskMode
 
 N, K, H = 8, 2, 128  # query heads, KV heads (GQA 4), head dim
 SINKS = 4

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import pdx  # noqa: E402
 from pdx.decoding.diffusion import fast_dllm, llada  # noqa: E402
-from pdx.io import orbax_checkpoint as checkpoint  # noqa: E402
 from pdx.train import tasks  # noqa: E402
 
 BLOCK = 16
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     rows = [] if not args.merge else merge(args.merge)
     for kind in args.models.split(",") if not args.merge else ():
         paths = {name: os.path.join(args.ckpt, kind, name) for name in names}
-        models = {name: checkpoint.load_dllm(path)[0] for name, path in paths.items() if os.path.isdir(path)}
+        models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
         if models:
             for r in evaluate(models, args.n, settings(kind, tasks.GEN_LEN), tasks.GEN_LEN):
                 rows.append({"model": kind, "n": args.n, **r})

@@ -80,3 +80,47 @@ def test_speculative_strategies_match_ar(gguf_path, strategy, capsys):
 def test_spec_draft_needs_a_draft(gguf_path, capsys):
     assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", "spec-draft"]) == 2
     assert "--option draft=PATH" in capsys.readouterr().err
+
+
+def _bounded_option(name: str) -> tuple[str, object]:
+    """(an option of strategy `name` with a numeric bound, a value past that bound): its own options first."""
+    from pdx.decoding import registry
+
+    schema = registry.STRATEGIES[name].options
+    own = [k for k in sorted(schema) if k not in registry.SAMPLING and k not in registry.DLLM]
+    for key in own + ["max_new_tokens"]:
+        o = schema[key]
+        if o.kind in ("int", "int_list") and (o.ge is not None or o.le is not None):
+            bad = o.ge - 1 if o.ge is not None else o.le + 1
+            return key, [bad] if o.kind == "int_list" else bad
+    raise AssertionError(f"{name} has no bounded option")
+
+
+def _strategies():
+    from pdx.decoding import registry
+
+    return sorted(registry.STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy", _strategies())
+@pytest.mark.parametrize("problem", ["unknown", "mistyped", "out_of_range", "flag"])
+def test_every_strategy_rejects_bad_options_in_one_line(gguf_path, strategy, problem, capsys):
+    """Checked against the strategy's schema before the model loads: exit 2, one line on stderr."""
+    key, bad = _bounded_option(strategy)
+    extra = {"unknown": ["--option", "no_such_option=1"],
+             "mistyped": ["--option", f"{key}=abc"],
+             "out_of_range": ["--option", f"{key}={json.dumps(bad)}"],
+             "flag": ["--top-p", "0.9"] if strategy in ("llada", "fast-dllm") else ["--option", "block_size=4"]}[problem]
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", strategy, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pdx: error: ")
+    expect = {"unknown": "takes no option 'no_such_option'", "mistyped": f"option '{key}' must be",
+              "out_of_range": f"option '{key}' must be", "flag": "takes no option"}[problem]
+    assert expect in err and f"'{strategy}'" in err
+
+
+def test_unsupported_pair_is_one_line(gguf_path, capsys):
+    """A strategy the model's family cannot run is refused with the reason, exit 2."""
+    assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", "llada"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not run on" in err and "masked-diffusion" in err

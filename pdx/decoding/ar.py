@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pdx.decoding import compiled
+from pdx.decoding import compiled, registry
 from pdx.decoding.result import GenerationResult
 from pdx.decoding.sampling import SamplingParams, check_token_ids, choose
 from pdx.errors import InvalidInputError, require
+from pdx.models import protocol
 
 MAX_STOP_IDS = 8  # stop ids are a fixed-size traced array, padded with -1
 SLOT_BUCKET = 256
@@ -102,7 +103,7 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
     Runs `prefill_chunk` tokens at a time with a traced trip count (the longest prompt's chunks).
     """
     b, c = plan.batch, plan.prefill_chunk
-    cache = family.init_cache(cfg, b, plan.slots, jnp.float32)
+    cache = protocol.new_cache(family, params, cfg, b, plan.slots, jnp.float32)
 
     def chunk(i, carry):
         cache, last_logits = carry
@@ -200,6 +201,7 @@ def make_request(model, prompts: list[list[int]], options: dict, step_tokens: in
                    jax.random.PRNGKey(o["seed"]))
 
 
+@registry.strategy("ar")
 def generate(model, prompts: list[list[int]], **options) -> GenerationResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
@@ -239,6 +241,8 @@ def stream(model, prompt: list[int], *, steps_per_chunk: int = 8, **options) -> 
     per-token path stays on device; only the new tokens cross to the host between chunks.
     """
     require(steps_per_chunk >= 1, f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
+    registry.validate("ar", options)
+    protocol.check(model.family, model.cfg, registry.STRATEGIES["ar"].needs(options), "ar")
     require(model.tokenizer is not None, "streaming text needs a model with a tokenizer")
     req = make_request(model, [prompt], options)
     plan, sampling, stops = req.plan, req.sampling, req.stop_ids

@@ -1,9 +1,9 @@
-"""Ahead-of-time compilation cache for the decoding programs.
+"""Ahead-of-time compilation cache for every decoding program (AR, speculative, diffusion).
 
 Strategies call `run(fn, statics, *args)`: the jitted `fn` is lowered and compiled once per
-(static arguments, argument shapes/dtypes) and the executable is reused. Compiling explicitly lets
-every call report its compile time apart from its run time, and `compile_count` lets tests prove
-that changing prompt content, seeds or thresholds does not recompile.
+(static arguments, argument shapes/dtypes, attention implementation) and the executable is reused.
+Compiling explicitly lets every call report its compile time apart from its run time, and
+`compile_count` lets tests prove that changing prompt content, seeds or thresholds does not recompile.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 from collections import Counter
 
 import jax
+
+from pdx.kernels_pallas import get_impl
 
 _EXECUTABLES: dict = {}
 _COUNTS: Counter = Counter()
@@ -23,12 +25,18 @@ def _signature(args) -> tuple:
 
 
 def run(fn, statics: dict, *args):
-    """`fn(*args, **statics)` through the cache; returns (outputs, seconds spent compiling)."""
-    key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), _signature(args))
+    """`fn(*args, **statics)` through the cache; returns (outputs, seconds spent compiling).
+
+    The attention implementation (`pdx.kernels_pallas.set_impl`) is read at trace time, so it is part
+    of the key, and a switch retraces (`fn`'s own trace cache is keyed without it)."""
+    impl = get_impl()
+    key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), _signature(args), impl)
     compile_s = 0.0
     exe = _EXECUTABLES.get(key)
     if exe is None:
         t0 = time.perf_counter()
+        if any(k[0] is fn and k[1:3] == key[1:3] for k in _EXECUTABLES):  # same program, other impl
+            fn.clear_cache()
         exe = fn.lower(*args, **statics).compile()
         compile_s = time.perf_counter() - t0
         _EXECUTABLES[key] = exe

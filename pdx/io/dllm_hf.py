@@ -5,11 +5,12 @@ LLaDA ships its own OLMo-derived modeling code: config keys `d_model`, `n_heads`
 `model.transformer.` (`wte`, `blocks.{i}.{q,k,v}_proj`, `attn_out`, `ff_proj` (gate), `up_proj`,
 `ff_out` (down), `attn_norm`, `ff_norm`, `ln_f`, `ff_out` (head)). Dream is Qwen2 (HF tensor
 names, q/k/v biases) plus `mask_token_id`, and predicts token i + 1 at position i
-(`pdx.models.dream`). Both become a `pdx.models.transformer` Config with `mask_token_id` set.
+(`Config.logit_shift = 1`). Both become a `pdx.models.transformer` Config with `mask_token_id` set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from pdx.errors import ModelLoadError, UnsupportedError
@@ -87,20 +88,17 @@ def llada_tensors(tensors: dict, cfg: Config) -> dict:
     return out
 
 
-def load(path: str | os.PathLike) -> tuple[Config, dict, object]:
-    """(config, params, family module) of a LLaDA or Dream checkpoint directory."""
-    from pdx.models import dream, transformer
-
+def load(path: str | os.PathLike) -> tuple[Config, dict]:
+    """(config, params) of a LLaDA or Dream checkpoint directory (a `pdx.models.transformer` model)."""
     path = os.fspath(path)
     hf = hf_checkpoint.read_json(os.path.join(path, "config.json"))
     kind = hf.get("model_type")
     if kind == "llada":
         cfg = llada_config(hf)
-        return cfg, hf_checkpoint.params_from_hf(llada_tensors(hf_checkpoint.read_safetensors(path), cfg), cfg), \
-            transformer
+        return cfg, hf_checkpoint.params_from_hf(llada_tensors(hf_checkpoint.read_safetensors(path), cfg), cfg)
     if kind == "Dream":
         if hf.get("mask_token_id") is None:
             raise ModelLoadError("Dream config.json has no mask_token_id")
-        cfg = hf_checkpoint.config_from_hf({**hf, "model_type": "qwen2"})
-        return cfg, hf_checkpoint.params_from_hf(hf_checkpoint.read_safetensors(path), cfg), dream
+        cfg = dataclasses.replace(hf_checkpoint.config_from_hf({**hf, "model_type": "qwen2"}), logit_shift=1)
+        return cfg, hf_checkpoint.params_from_hf(hf_checkpoint.read_safetensors(path), cfg)
     raise UnsupportedError(f"model_type {kind!r} is not a dLLM checkpoint format {DLLM_TYPES}")

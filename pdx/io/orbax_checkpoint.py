@@ -67,17 +67,14 @@ def load(path: str | os.PathLike) -> tuple[dict, transformer.Config, dict]:
     return jax.tree.map(np.asarray, params), cfg, meta
 
 
-def load_dllm(path: str | os.PathLike):
-    """A trained tiny dLLM as a `pdx.Model` plus its metadata (attention kind, block size, tasks)."""
-    import jax.numpy as jnp
-
-    from pdx.model import Model
-
+def load_dllm(path: str | os.PathLike) -> tuple[transformer.Config, dict, dict]:
+    """(config, stacked params as numpy, metadata: attention kind, block size, tasks) of a trained tiny dLLM;
+    `pdx.load_model(path)` wraps it in a `Model`."""
     params, cfg, meta = load(path)
     # Checkpoints written before attention weights became 2-D ([L, N, H, D] etc.): same values, new shape.
     L, D, N, K, H = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = {"wq": (L, N * H, D), "wk": (L, K * H, D), "wv": (L, K * H, D), "wo": (L, D, N * H),
               "bq": (L, N * H), "bk": (L, K * H), "bv": (L, K * H)}
-    params = params | {"layers": {k: jnp.reshape(v, shapes[k]) if k in shapes else jnp.asarray(v)
+    params = params | {"layers": {k: np.reshape(v, shapes[k]) if k in shapes else v
                                   for k, v in params["layers"].items()}}
-    return Model(cfg, jax.tree.map(jnp.asarray, params), None, transformer, os.fspath(path)), meta
+    return cfg, params, meta

@@ -4,6 +4,6 @@ Modules: `flash_attention` (prefill / verify), `decode_attention` (few queries o
 `attend` (the models' entry point), `block_mask` (tile maps and skip ratios).
 """
 
-from pdx.kernels_pallas._core import set_impl, use_impl
+from pdx.kernels_pallas._core import get_impl, set_impl, use_impl
 
-__all__ = ["set_impl", "use_impl"]
+__all__ = ["get_impl", "set_impl", "use_impl"]

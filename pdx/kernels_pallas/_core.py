@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pdx.errors import require
 from pdx.kernels_pallas.block_mask import fetch_index
-from pdx.models.layers import NEG_INF, MaskMode, pair_visible
+from pdx.masks import NEG_INF, MaskMode, pair_visible
 
 HEAD_DIMS = (64, 128)  # head dims the kernels are built and tested for (MXU/lane friendly)
 IMPLS = ("auto", "reference", "pallas")
@@ -37,6 +37,11 @@ def set_impl(impl: str) -> None:
     """Set the attention path for every later trace: 'auto' (by backend), 'reference' or 'pallas'."""
     require(impl in IMPLS, f"attention impl must be one of {IMPLS}, got {impl!r}")
     _impl[0] = impl
+
+
+def get_impl() -> str:
+    """The attention path the next trace takes ('auto', 'reference' or 'pallas'): part of every compile key."""
+    return _impl[0]
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Keys come in two segments that share one softmax: the cache (slot s holds position s, valid iff
 `s < lengths[b]`) and the T new tokens (at `q_pos`, valid where `valid`). The reference path is the
-models' original code (`layers.visibility` + `layers.attention` over the two segments). The Pallas
+models' original code (`masks.visibility` + `gqa.attention` over the two segments). The Pallas
 path runs flash attention over the new tokens and decode attention (few rows) or flash attention
 (many rows) over the cache, each returning its softmax partial, and merges them by log-sum-exp,
 so the cache is never copied to concatenate it with the new keys.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pdx import masks
 from pdx.errors import require
-from pdx.kernels_pallas import _core, decode_attention, flash_attention
-from pdx.models import layers
-from pdx.models.layers import MaskMode
+from pdx.kernels_pallas import _core, decode_attention, flash_attention, gqa
+from pdx.masks import MaskMode
 
 
 def attend(
@@ -48,18 +48,18 @@ def attend(
         ck, cv, lengths = cache
         slot_pos, slot_valid = decode_attention.slots(lengths + valid.sum(-1, dtype=lengths.dtype), ck.shape[2])
         if path == "reference":
-            return layers.attention(q, [(ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window))])
+            return gqa.attention(q, [(ck, cv, masks.visibility(q_pos, slot_pos, slot_valid, mode, window))])
         out = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, interpret=interpret)
         return out.astype(q.dtype)
     if path == "reference":
-        visible = layers.visibility(q_pos, q_pos, valid, mode, window)  # [B, T, T]
+        visible = masks.visibility(q_pos, q_pos, valid, mode, window)  # [B, T, T]
         segments = [(k, v, visible if new_mask is None else visible & new_mask)]
         if cache is not None:
             ck, cv, lengths = cache
             slot_pos, slot_valid = decode_attention.slots(lengths, ck.shape[2])
             slot_valid = slot_valid if cache_visible is None else cache_visible
-            segments.insert(0, (ck, cv, layers.visibility(q_pos, slot_pos, slot_valid, mode, window)))
-        return layers.attention(q, segments)
+            segments.insert(0, (ck, cv, masks.visibility(q_pos, slot_pos, slot_valid, mode, window)))
+        return gqa.attention(q, segments)
     out, lse = flash_attention.pallas(q, k, v, q_pos, q_pos, valid, mode, window, mask=new_mask, return_lse=True,
                                       interpret=interpret)
     if cache is None:

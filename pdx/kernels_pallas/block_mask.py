@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pdx.models.layers import MaskMode
+from pdx.masks import MaskMode
 
 _BIG = 2**29  # sentinel position bound for empty blocks (small enough that differences fit in int32)
 

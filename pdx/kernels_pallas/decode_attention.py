@@ -2,7 +2,7 @@
 
 Cache slot s holds position s and is valid iff `s < lengths[b]`; queries sit at `q_pos [B, T]`
 (usually the newest positions, already written to the cache). Mask modes, sliding window and
-sink tokens follow `pdx.models.layers.visibility`.
+sink tokens follow `pdx.models.masks.visibility`.
 
 The Pallas path is flash-decoding: the G query heads that share a KV head and the T positions are
 folded into G*T rows of one query block, so each KV block is read once per KV head; the cache
@@ -16,11 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pdx import masks
 from pdx.errors import require
 from pdx.kernels_pallas import _core, flash_attention
 from pdx.kernels_pallas.block_mask import block_map
-from pdx.models import layers
-from pdx.models.layers import MaskMode
+from pdx.masks import MaskMode
 
 MAX_ROWS = 512  # G * T query rows per KV head held in one block
 
@@ -37,7 +37,7 @@ def reference(
     v: jax.Array,
     q_pos: jax.Array,
     lengths: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     *,
@@ -54,7 +54,7 @@ def pallas(
     v: jax.Array,
     q_pos: jax.Array,
     lengths: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     *,
@@ -104,7 +104,7 @@ def dispatch(
     v: jax.Array,
     q_pos: jax.Array,
     lengths: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     *,

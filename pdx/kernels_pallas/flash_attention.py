@@ -4,7 +4,7 @@ Queries at positions `q_pos [B, T]` attend to keys at `k_pos [B, S]` (valid wher
 `MaskMode` (causal, bidirectional, block-causal), a sliding window with optional sink tokens, and an
 optional explicit mask `[B, T, S]` (e.g. the ancestor mask of a speculative tree) ANDed on top.
 
-- `reference`: the attention the models use (`pdx.models.layers.visibility` + `attention`).
+- `reference`: the attention the models use (`pdx.models.masks.visibility` + `attention`).
 - `pallas`: blocked online softmax over the tiles the block map keeps (see `block_mask`), with a
   custom VJP whose backward is a blocked jnp pass over key blocks (recomputes the probabilities
   from the saved log-sum-exp, so memory stays O(T * block_k)).
@@ -23,10 +23,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pdx.kernels_pallas import _core
+from pdx import masks
+from pdx.kernels_pallas import _core, gqa
 from pdx.kernels_pallas.block_mask import block_map
-from pdx.models import layers
-from pdx.models.layers import NEG_INF, MaskMode
+from pdx.masks import NEG_INF, MaskMode
 
 
 def reference(
@@ -36,7 +36,7 @@ def reference(
     q_pos: jax.Array,
     k_pos: jax.Array,
     k_valid: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     mask: jax.Array | None = None,
@@ -44,10 +44,10 @@ def reference(
     return_lse: bool = False,
 ):
     """`q [B, T, N, H]` over `k, v [B, K, S, H]` -> `[B, T, N, H]` (and lse `[B, T, N]` fp32 if asked)."""
-    visible = layers.visibility(q_pos, k_pos, k_valid, mode, window, sinks)  # [B, T, S]
+    visible = masks.visibility(q_pos, k_pos, k_valid, mode, window, sinks)  # [B, T, S]
     if mask is not None:
         visible &= mask
-    out = layers.attention(q, [(k, v, visible)])
+    out = gqa.attention(q, [(k, v, visible)])
     if not return_lse:
         return out
     return out, reference_lse(q, k, visible)
@@ -121,7 +121,7 @@ def _flash_bwd(st, res, cotangents):
 
     def grads(dq, kj, vj, kpos, kvalid, mask_j):
         kj, vj = kj.astype(jnp.float32), vj.astype(jnp.float32)  # [B, K, bk, H]
-        visible = layers.visibility(q_pos, kpos, kvalid, st.mode, window, sinks)  # [B, T, bk]
+        visible = masks.visibility(q_pos, kpos, kvalid, st.mode, window, sinks)  # [B, T, bk]
         if mask_j is not None:
             visible &= mask_j
         scores = jnp.einsum("btkgh,bksh->bkgts", qs, kj)  # [B, K, G, T, bk]
@@ -147,7 +147,7 @@ def pallas(
     q_pos: jax.Array,
     k_pos: jax.Array,
     k_valid: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     mask: jax.Array | None = None,
@@ -190,7 +190,7 @@ def dispatch(
     q_pos: jax.Array,
     k_pos: jax.Array,
     k_valid: jax.Array,
-    mode: MaskMode = layers.CAUSAL,
+    mode: MaskMode = masks.CAUSAL,
     window: jax.Array | int = 0,
     sinks: jax.Array | int = 0,
     mask: jax.Array | None = None,

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pdx import masks
 from pdx.models import layers as nn
 
 
@@ -77,7 +78,7 @@ def diff_attention(
         s = k.shape[2]
         kp = k.reshape(b, kv // 2, 2, s, h).astype(q.dtype)  # [B, K/2, 2, S, H]
         sc = jnp.einsum("btkgch,bkcsh->bkgcts", qg, kp).astype(jnp.float32)  # [B, K/2, G, 2, T, S]
-        scores.append(jnp.where(visible[:, None, None, None], sc, nn.NEG_INF))
+        scores.append(jnp.where(visible[:, None, None, None], sc, masks.NEG_INF))
         # values stay [B, K/2, 2, S, H] (a view of the cache): the pair's 2H channels are (even head, odd head)
         values.append(v.reshape(b, kv // 2, 2, s, h).astype(q.dtype))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)

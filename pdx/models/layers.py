@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
-
 
 def dense(eq: str, x: jax.Array, w) -> jax.Array:
     """`einsum(eq, x, w)` in the activation dtype; `w` may be a `pdx.models.quant.QuantizedWeight`.
@@ -53,6 +51,13 @@ def last_valid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
         return x[:, -1:]
     last = jnp.maximum(valid.sum(-1) - 1, 0)  # [B]
     return jnp.take_along_axis(x, last.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
+def lm_head(params: dict, cfg, x: jax.Array) -> jax.Array:
+    """Logits `[..., V]` in fp32 from final hidden states `[..., D]`: the tied embedding table, or
+    `params["lm_head"]` when `cfg.tie_embeddings` is off (every family's config has that field)."""
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    return dense("...d,vd->...v", x, w).astype(jnp.float32)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -112,98 +117,3 @@ def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
     else:
         gate, up = dense("btd,fd->btf", x, w_gate), dense("btd,fd->btf", x, w_up)
     return dense("btf,df->btd", jax.nn.silu(gate) * up, w_down)
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks. Every attention call is described by query positions, key positions and key validity;
-# the mask mode turns those into a boolean [B, T, S] visibility mask.
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskMode:
-    """Static description of an attention pattern.
-
-    kind: "causal", "bidirectional" (dLLM) or "block_causal" (block diffusion: causal across
-    blocks of `block_size` positions, bidirectional inside one). A per-layer sliding window
-    (from the model config) is applied on top of any kind.
-    """
-
-    kind: str = "causal"
-    block_size: int = 0
-
-    def __post_init__(self):
-        from pdx.errors import InvalidInputError
-
-        if self.kind not in ("causal", "bidirectional", "block_causal"):
-            raise InvalidInputError(
-                f"unknown mask mode {self.kind!r}; use 'causal', 'bidirectional' or MaskMode('block_causal', n)"
-            )
-        if (self.kind == "block_causal") != (self.block_size > 0):
-            raise InvalidInputError("block_size > 0 is required for, and only for, mask mode 'block_causal'")
-
-
-CAUSAL = MaskMode("causal")
-BIDIRECTIONAL = MaskMode("bidirectional")
-
-
-def as_mask_mode(mode: str | MaskMode) -> MaskMode:
-    return mode if isinstance(mode, MaskMode) else MaskMode(mode)
-
-
-def pair_visible(
-    q: jax.Array, k: jax.Array, mode: MaskMode, window: jax.Array | int, sinks: jax.Array | int = 0
-) -> jax.Array:
-    """Elementwise mask rule on broadcastable query/key positions (the Pallas kernels apply it per block).
-
-    `window` is the sliding-window length (a key is visible iff `q - k < window`); 0 means none.
-    The first `sinks` positions stay visible outside the window (StreamingLLM sink tokens).
-    """
-    if mode.kind == "causal":
-        visible = k <= q
-    elif mode.kind == "block_causal":
-        visible = (k // mode.block_size) <= (q // mode.block_size)
-    else:
-        visible = jnp.ones(jnp.broadcast_shapes(jnp.shape(q), jnp.shape(k)), bool)
-    window = jnp.asarray(window)
-    return visible & ((window <= 0) | (q - k < window) | (k < sinks))
-
-
-def visibility(
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    k_valid: jax.Array,
-    mode: MaskMode,
-    window: jax.Array | int,
-    sinks: jax.Array | int = 0,
-) -> jax.Array:
-    """Boolean `[B, T, S]`: may the query at `q_pos [B, T]` see the key at `k_pos [B, S]`?
-
-    `window` and `sinks` may be traced, so layers with different windows share one scanned
-    program; see `pair_visible` for the rule.
-    """
-    return pair_visible(q_pos[:, :, None], k_pos[:, None, :], mode, window, sinks) & k_valid[:, None, :]
-
-
-def attention(q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Grouped-query attention of `q [B, T, N, H]` over one or more key/value segments.
-
-    Each segment is `(k [B, K, S, H], v [B, K, S, H], visible [B, T, S])`. Scores of all segments
-    share one softmax; keeping the cache and the new tokens as separate segments avoids copying
-    the cache to concatenate them. Returns `[B, T, N, H]`.
-    """
-    b, t, n, h = q.shape
-    kv_heads = segments[0][0].shape[1]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h) * (1.0 / math.sqrt(h))  # [B, T, K, G, H]
-    scores = []
-    for k, _, visible in segments:
-        s = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)  # [B, K, G, T, S]
-        scores.append(jnp.where(visible[:, None, None], s, NEG_INF))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
-    out, start = 0, 0
-    for k, v, _ in segments:
-        p = probs[..., start : start + k.shape[2]]
-        # [B, K, G, T, H]: with the output in this order XLA CPU reads v in place; asking for
-        # "btkgh" made it transpose every cached v (a whole-buffer copy per layer per step)
-        out = out + jnp.einsum("bkgts,bksh->bkgth", p, v.astype(q.dtype))
-        start += k.shape[2]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

@@ -1,10 +1,11 @@
 """Mamba-2 language model (transformers' `Mamba2ForCausalLM` geometry) as pure functions.
 
-Model protocol (see DESIGN.md):
+Implements the model protocol (`pdx.models.protocol`, `docs/model-protocol.md`):
     cfg = Config(...)                                     # frozen, static under jit
     params = init_params(cfg, key)                        # or pdx.io.mamba2_checkpoint.load
     cache = init_cache(cfg, batch, max_len, dtype)        # fixed size: max_len is not needed
-    logits, cache = forward(params, cfg, tokens, positions, cache, mask_mode, valid)
+    logits, cache = forward(params, cfg, tokens, positions, cache, valid=...)
+Causal only; rolled back from a traced forward's inputs (`rollback`); layers can be skipped.
 
 Each block: x += out_proj(gated_rmsnorm(SSD(silu(conv(xBC))) + D x, z)) with (z, xBC, dt) =
 in_proj(rmsnorm(x)). Prefill runs the chunked SSD scan; a one-token forward with a cache runs the
@@ -28,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pdx import masks
 from pdx.errors import ConfigError, require
 from pdx.models import layers as nn
-from pdx.models.transformer import lm_head
+from pdx.models import protocol
 from pdx.ssm.conv import causal_conv1d, causal_conv1d_step, window_after
 from pdx.ssm.ssd import discretize_dt, ssd_chunked, ssd_step
 
@@ -77,6 +79,8 @@ class Config:
     def conv_dim(self) -> int:  # Cv: x, B and C go through the conv together
         return self.intermediate_size + 2 * self.n_groups * self.state_size
 
+
+FEW_TOKENS = 16  # forwards up to this long (decode, speculative verify) loop over per-layer weights in place
 
 # state-spaces/mamba2-130m geometry (vocab padded to a multiple of 16, GPT-NeoX tokenizer).
 MAMBA2_130M = Config(vocab_size=50288, hidden_size=768, num_layers=24, num_heads=24, head_dim=64, state_size=128,
@@ -143,9 +147,16 @@ class StateTrace:
     B: jax.Array
 
 
-def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=jnp.float32) -> Mamba2Cache:
-    """Zero states for `batch` rows. `max_len` is accepted for the protocol and ignored: the state is O(1)."""
-    del max_len
+def capabilities(cfg: Config) -> protocol.Capabilities:
+    return protocol.Capabilities(name="Mamba-2", objective=protocol.CAUSAL_LM, mask_modes=frozenset({"causal"}),
+                                 extras=frozenset(), rollback=protocol.ROLLBACK_TRACE, layer_skip=True)
+
+
+def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=jnp.float32, *,
+               per_layer: bool | None = None) -> Mamba2Cache:
+    """Zero states for `batch` rows. `max_len` and `per_layer` are accepted for the protocol: the state
+    is O(1) in the context and has one layout (a few KB per layer, read whole every step)."""
+    del max_len, per_layer
     return Mamba2Cache(
         conv=jnp.zeros((cfg.num_layers, batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
         ssm=jnp.zeros((cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, cfg.state_size), jnp.float32),
@@ -160,10 +171,8 @@ def _gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, groups: int, 
     return nn.rms_norm(gated, weight.reshape(groups, -1), eps).reshape(y.shape).astype(y.dtype)
 
 
-def _check_inputs(cfg: Config, tokens, positions, cache, mask_mode, valid) -> None:
+def _check_inputs(cfg: Config, tokens, positions, cache, valid) -> None:
     """API-edge validation: shapes always, token ids when they are concrete (not traced)."""
-    require(nn.as_mask_mode(mask_mode).kind == "causal",
-            f"Mamba-2 is causal by construction; mask_mode {mask_mode!r} is not supported")
     require(tokens.ndim == 2, f"tokens must be [batch, time], got shape {tokens.shape}")
     require(positions.shape == tokens.shape, f"positions {positions.shape} must match tokens {tokens.shape}")
     require(valid is None or valid.shape == tokens.shape, f"valid {getattr(valid, 'shape', None)} must match "
@@ -224,21 +233,27 @@ def forward(
     tokens: jax.Array,
     positions: jax.Array,
     cache: Mamba2Cache | None = None,
-    mask_mode: str | nn.MaskMode = "causal",
+    *,
+    mask_mode: str | masks.MaskMode = "causal",
     valid: jax.Array | None = None,
-    return_states: bool = False,
+    cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
     logits: str = "all",
+    trace: bool = False,
 ):
     """Logits `[B, T, V]` (fp32; `[B, 1, V]` at each row's last valid token with logits="last") and
-    the updated cache; with `return_states`, also a `StateTrace`.
+    the updated cache; with `trace`, also a `StateTrace` (for `rollback`).
 
     tokens, positions: [B, T] int32 (positions only checked: the recurrence carries order).
     `valid [B, T]` marks real tokens, a per-row prefix (right padding): padding gets dt = 0 and is
     kept out of the conv window, so it leaves every state as it was and `lengths` advances by
     `valid.sum(-1)`. A cache with T == 1 runs the O(1) step; anything else runs the chunked scan
-    (starting from the cache's states if given). Only mask_mode "causal" exists for a recurrence.
+    (starting from the cache's states if given). Only mask_mode "causal" exists for a recurrence, and
+    no extras (`cache_visible`, `tree_mask`): passing them raises `UnsupportedError`.
     """
-    _check_inputs(cfg, tokens, positions, cache, mask_mode, valid)
+    protocol.check_forward(capabilities(cfg), masks.as_mask_mode(mask_mode), cache_visible, tree_mask)
+    _check_inputs(cfg, tokens, positions, cache, valid)
+    require(cache is not None or not trace, "forward(..., trace=True) traces a cached forward (for rollback)")
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
     b, t = tokens.shape
     step = cache is not None and t == 1
@@ -250,29 +265,33 @@ def forward(
         p, conv_state, ssm_state = xs
         with jax.named_scope("mamba2_block"):
             h = nn.rms_norm(x, p["norm"], cfg.rms_norm_eps)
-            out, conv_state, ssm_state, trace = _mixer(p, cfg, h, conv_state, ssm_state, valid, step)
-        return x + out, (conv_state, ssm_state, trace if return_states else None)
+            out, conv_state, ssm_state, parts = _mixer(p, cfg, h, conv_state, ssm_state, valid, step)
+        return x + out, (conv_state, ssm_state, parts if trace else None)
 
     layers = params["layers"]
     if isinstance(layers, dict):
-        x, (conv, ssm, trace) = lax.scan(layer, x, (layers, states.conv, states.ssm))
-    elif step:  # per-layer weights: each matmul reads its own buffer (see `unstack_layers`)
+        x, (conv, ssm, parts) = lax.scan(layer, x, (layers, states.conv, states.ssm))
+    elif t <= FEW_TOKENS:  # per-layer weights: each matmul reads its own buffer (see `unstack_layers`)
         outs = []
         for i, p in enumerate(layers):
             x, out = layer(x, (p, states.conv[i], states.ssm[i]))
             outs.append(out)
-        conv, ssm, trace = _stack(outs)
+        conv, ssm, parts = _stack(outs)
     else:  # prefill reads each weight many times over: stacking once keeps the scan (and its compile time)
-        x, (conv, ssm, trace) = lax.scan(layer, x, (_stack(layers), states.conv, states.ssm))
+        x, (conv, ssm, parts) = lax.scan(layer, x, (_stack(layers), states.conv, states.ssm))
     if logits == "last":  # each row's last valid token only (prefill)
         x = nn.last_valid(x, valid)
-    out = lm_head(params, cfg, nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
+    out = nn.lm_head(params, cfg, nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
     new_cache = None
     if cache is not None:
         new_cache = Mamba2Cache(conv.astype(cache.conv.dtype), ssm, cache.lengths + valid.sum(-1, dtype=jnp.int32))
-    if return_states:
-        return out, new_cache, StateTrace(*trace)
+    if trace:
+        return out, new_cache, StateTrace(*parts)
     return out, new_cache
+
+
+def is_per_layer(params: dict) -> bool:
+    return not isinstance(params["layers"], dict)
 
 
 def unstack_layers(params: dict) -> dict:
@@ -284,21 +303,37 @@ def unstack_layers(params: dict) -> dict:
     either layout: the decode step loops over the tuple, prefill stacks it once and scans.
     """
     layers = params["layers"]
+    if is_per_layer(params):
+        return params
     return params | {"layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(len(layers["norm"])))}
 
 
 def stack_layers(params: dict) -> dict:
     """The stacked `[L, ...]` layout (inverse of `unstack_layers`)."""
     layers = params["layers"]
-    return params if isinstance(layers, dict) else params | {"layers": _stack(layers)}
+    return params | {"layers": _stack(layers)} if is_per_layer(params) else params
 
 
 def _stack(trees):
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
+def rollback(params: dict, cfg: Config, before: Mamba2Cache, after: Mamba2Cache, trace: StateTrace,
+             keep: jax.Array) -> Mamba2Cache:
+    """The protocol's rollback: the state after only the first `keep [B]` tokens of a traced forward."""
+    del after
+    return rewind(params, cfg, before, trace, keep)
+
+
+def skip_layers(params: dict, cfg: Config, skip) -> tuple[dict, Config]:
+    """The model without the layers in `skip` (per-layer params; the kept layers' arrays are shared)."""
+    kept = [i for i in range(cfg.num_layers) if i not in set(skip)]
+    layers = unstack_layers(params)["layers"]
+    return params | {"layers": tuple(layers[i] for i in kept)}, dataclasses.replace(cfg, num_layers=len(kept))
+
+
 def rewind(params: dict, cfg: Config, cache: Mamba2Cache, trace: StateTrace, n: jax.Array) -> Mamba2Cache:
-    """The cache after only the first `n [B]` of the T tokens a `forward(..., return_states=True)` consumed.
+    """The cache after only the first `n [B]` of the T tokens a `forward(..., trace=True)` consumed.
 
     `cache` is the cache that forward started from (keep it: do not donate it), `trace` what it
     returned. Rolling back a rejected speculative draft costs O(T) state updates per layer and no

@@ -1,10 +1,11 @@
 """SambaY decoder-hybrid-decoder (Phi-4-mini-flash) as pure functions.
 
-Model protocol (see DESIGN.md):
+Implements the model protocol (`pdx.models.protocol`, `docs/model-protocol.md`):
     cfg = Config(...)                                     # frozen, static under jit
     params = init_params(cfg, key)                        # or pdx.io.sambay_checkpoint.load
     cache = init_cache(cfg, batch, max_len, dtype)        # fixed size
-    logits, cache = forward(params, cfg, tokens, positions, cache, mask_mode, valid)
+    logits, cache = forward(params, cfg, tokens, positions, cache, valid=...)
+Causal only; rolled back from a traced forward's inputs (`rollback`).
 
 Layout for L layers (L % 4 == 0, h = L / 2), every layer `x += mixer(LN(x)); x += MLP(LN(x))`:
     layers 0 .. h-1   self-decoder: Mamba (even) / sliding-window differential attention (odd)
@@ -37,9 +38,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pdx import masks
 from pdx.errors import ConfigError, InvalidInputError, require
 from pdx.models import hybrid_layers as hl
 from pdx.models import layers as nn
+from pdx.models import protocol
 from pdx.ssm import mamba1
 
 
@@ -223,8 +226,16 @@ class SambaYCache:
         return self.k.shape[2]
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> SambaYCache:
-    """Zero cache for `batch` rows and `max_len` shared-KV slots; only `k, v` grow with `max_len`."""
+def capabilities(cfg: Config) -> protocol.Capabilities:
+    return protocol.Capabilities(name="SambaY", objective=protocol.CAUSAL_LM, mask_modes=frozenset({"causal"}),
+                                 extras=frozenset(), rollback=protocol.ROLLBACK_TRACE)
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32, *,
+               per_layer: bool | None = None) -> SambaYCache:
+    """Zero cache for `batch` rows and `max_len` shared-KV slots; only `k, v` grow with `max_len`.
+    `per_layer` is accepted for the protocol: the cache has one layout (a single full KV)."""
+    del per_layer
     require(isinstance(max_len, int) and max_len >= 1, f"max_len must be an int >= 1, got {max_len!r}")
     P, K, Hd, Di, W = cfg.self_pairs, cfg.num_kv_heads, cfg.head_dim, cfg.d_inner, cfg.sliding_window
     return SambaYCache(
@@ -252,12 +263,12 @@ def _mlp_block(p: dict, cfg: Config, x: jax.Array) -> jax.Array:
         return x + hl.glu_mlp(hl.layer_norm(x, p["ln2_w"], p["ln2_b"], cfg.layer_norm_eps), p["fc1"], p["fc2"])
 
 
-def _mamba_block(p: dict, cfg: Config, x, conv, ssm, valid, step):
-    """Mamba layer; returns (x, memory y [B, T, Di], conv, ssm)."""
+def _mamba_block(p: dict, cfg: Config, x, conv, ssm, valid, step, trace: bool):
+    """Mamba layer; returns (x, memory y [B, T, Di], conv, ssm, `mamba1.MixerTrace` or None)."""
     with jax.named_scope("mamba"):
         h = hl.layer_norm(x, p["ln1_w"], p["ln1_b"], cfg.layer_norm_eps)
-        out, y, conv, ssm = mamba1.mixer(p, h, conv, ssm, valid, step, cfg.scan_chunk)
-    return _mlp_block(p, cfg, x + out), y, conv, ssm
+        out, y, conv, ssm, *tr = mamba1.mixer(p, h, conv, ssm, valid, step, cfg.scan_chunk, trace=trace)
+    return _mlp_block(p, cfg, x + out), y, conv, ssm, (tr[0] if trace else None)
 
 
 def _qkv(p: dict, cfg: Config, h: jax.Array):
@@ -311,10 +322,8 @@ def lambda_init(depth) -> jax.Array:
 # Forward
 
 
-def _check_inputs(cfg: Config, tokens, positions, cache, mask_mode, valid, logits) -> None:
+def _check_inputs(cfg: Config, tokens, positions, cache, valid, logits) -> None:
     """API-edge validation: shapes always, token ids when they are concrete (not traced)."""
-    require(nn.as_mask_mode(mask_mode).kind == "causal",
-            f"SambaY is causal by construction; mask_mode {mask_mode!r} is not supported")
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
     require(tokens.ndim == 2, f"tokens must be [batch, time], got shape {tokens.shape}")
     require(positions.shape == tokens.shape, f"positions {positions.shape} must match tokens {tokens.shape}")
@@ -336,11 +345,15 @@ def forward(
     tokens: jax.Array,
     positions: jax.Array,
     cache: SambaYCache | None = None,
-    mask_mode: str | nn.MaskMode = "causal",
+    *,
+    mask_mode: str | masks.MaskMode = "causal",
     valid: jax.Array | None = None,
+    cache_visible: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
     logits: str = "all",
+    trace: bool = False,
 ):
-    """Logits (fp32) and the updated cache.
+    """Logits (fp32) and the updated cache; with `trace`, also a `SambaYTrace` (for `rollback`).
 
     tokens, positions: [B, T] int32; with a cache, row b's tokens sit at positions lengths[b] + t.
     `valid [B, T]` marks real tokens, a per-row prefix (right padding): padding gets dt = 0, stays
@@ -348,27 +361,30 @@ def forward(
     was, and `lengths` advances by `valid.sum(-1)`. A cache with T == 1 runs the O(1) Mamba steps.
     logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token,
     running layer h+1's attention and the cross-decoder on that token only (linear prefill).
+    Causal only, no extras (`cache_visible`, `tree_mask`: an `UnsupportedError`).
     """
-    _check_inputs(cfg, tokens, positions, cache, mask_mode, valid, logits)
+    protocol.check_forward(capabilities(cfg), masks.as_mask_mode(mask_mode), cache_visible, tree_mask)
+    _check_inputs(cfg, tokens, positions, cache, valid, logits)
+    require(cache is not None or not trace, "forward(..., trace=True) traces a cached forward (for rollback)")
     b, t = tokens.shape
     step = cache is not None and t == 1
     valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
     W, eps = cfg.sliding_window, cfg.layer_norm_eps
     depths = _depths(cfg)
     x = nn.embed(params["embed"], tokens)  # [B, T, D]
-    causal = nn.CAUSAL
-    win_vis = nn.visibility(positions, positions, valid, causal, W)  # [B, T, T]
+    causal = masks.CAUSAL
+    win_vis = masks.visibility(positions, positions, valid, causal, W)  # [B, T, T]
     if cache is not None:
         lengths = cache.lengths
         ring_pos, ring_valid = hl.ring_positions(lengths, W)  # [B, W]
-        ring_vis = nn.visibility(positions, ring_pos, ring_valid, causal, W)  # [B, T, W]
+        ring_vis = masks.visibility(positions, ring_pos, ring_valid, causal, W)  # [B, T, W]
         conv, ssm, swa_k, swa_v = cache.conv, cache.ssm, cache.swa_k, cache.swa_v
 
     # Self-decoder: (Mamba, sliding-window attention) pairs.
     def self_pair(x, xs):
         (pm, pa, depth), *states = xs
         conv_i, ssm_i, rk, rv = states if states else (None,) * 4
-        x, _, conv_i, ssm_i = _mamba_block(pm, cfg, x, conv_i, ssm_i, valid, step)
+        x, _, conv_i, ssm_i, tr = _mamba_block(pm, cfg, x, conv_i, ssm_i, valid, step, trace)
         with jax.named_scope("swa"):
             q, k, v = _qkv(pa, cfg, hl.layer_norm(x, pa["ln1_w"], pa["ln1_b"], eps))
             segments = [(k, v, win_vis)]
@@ -376,19 +392,19 @@ def forward(
                 segments.insert(0, (rk, rv, ring_vis))
                 rk, rv = hl.ring_write(rk, k, lengths, valid), hl.ring_write(rv, v, lengths, valid)
             x = _attend_out(pa, cfg, x, q, segments, lambda_init(depth))
-        return x, ((conv_i, ssm_i, rk, rv) if states else None)
+        return x, ((conv_i, ssm_i, rk, rv, (tr, k, v) if trace else None) if states else None)
 
     pairs, stacked = _pairs(params["self"]["mamba"], params["self"]["swa"], depths["swa"])
     if cache is None:
         x, _ = _group(self_pair, x, pairs, (), stacked)
         conv_m = ssm_m = None
     else:
-        x, (conv_s, ssm_s, swa_k, swa_v) = _group(self_pair, x, pairs, (conv[:-1], ssm[:-1], swa_k, swa_v),
-                                                 stacked)
+        x, (conv_s, ssm_s, swa_k, swa_v, self_trace) = _group(self_pair, x, pairs,
+                                                             (conv[:-1], ssm[:-1], swa_k, swa_v), stacked)
         conv_m, ssm_m = conv[-1], ssm[-1]
 
     # Memory layer (Mamba): y is the memory the GMUs read.
-    x, m, conv_m, ssm_m = _mamba_block(params["memory"], cfg, x, conv_m, ssm_m, valid, step)
+    x, m, conv_m, ssm_m, memory_trace = _mamba_block(params["memory"], cfg, x, conv_m, ssm_m, valid, step, trace)
 
     # Layer h+1: full attention; its keys/values become the shared KV.
     pf = params["full"]
@@ -403,14 +419,14 @@ def forward(
         q_valid = valid.any(-1)[:, None]
     else:
         q_pos, q_valid = positions, valid
-    shared = [(k_new, v_new, nn.visibility(q_pos, positions, valid, causal, 0) & q_valid[:, :, None])]
+    shared = [(k_new, v_new, masks.visibility(q_pos, positions, valid, causal, 0) & q_valid[:, :, None])]
     if cache is not None:
         rows = jnp.arange(b)[:, None]
         slots = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
         ck = cache.k.at[rows, :, slots].set(k_new.astype(cache.k.dtype).transpose(0, 2, 1, 3), mode="drop")
         cv = cache.v.at[rows, :, slots].set(v_new.astype(cache.v.dtype).transpose(0, 2, 1, 3), mode="drop")
         slot_pos = jnp.broadcast_to(jnp.arange(ck.shape[2])[None], (b, ck.shape[2]))
-        cache_vis = nn.visibility(q_pos, slot_pos, slot_pos < lengths[:, None], causal, 0)  # [B, T', S]
+        cache_vis = masks.visibility(q_pos, slot_pos, slot_pos < lengths[:, None], causal, 0)  # [B, T', S]
         shared.insert(0, (ck, cv, cache_vis))
     x = _attend_out(pf, cfg, x, q, shared, lambda_init(depths["full"][0]))
 
@@ -432,15 +448,51 @@ def forward(
         x, _ = _group(cross_pair, x, cpairs, (), stacked)
 
     x = hl.layer_norm(x, params["final_norm"]["w"], params["final_norm"]["b"], eps)
-    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    out = nn.dense("btd,vd->btv", x, w).astype(jnp.float32)
+    out = nn.lm_head(params, cfg, x)
     new_cache = None
     if cache is not None:
         new_cache = SambaYCache(
             conv=jnp.concatenate([conv_s, conv_m[None]]).astype(cache.conv.dtype),
             ssm=jnp.concatenate([ssm_s, ssm_m[None]]), swa_k=swa_k, swa_v=swa_v, k=ck, v=cv,
             lengths=lengths + valid.sum(-1, dtype=jnp.int32))
+    if trace:
+        (mamba_tr, swa_k_new, swa_v_new) = self_trace
+        mixer = jax.tree.map(lambda s, m: jnp.concatenate([s, m[None]]), mamba_tr, memory_trace)  # [P+1, ...]
+        return out, new_cache, SambaYTrace(mixer, swa_k_new, swa_v_new)
     return out, new_cache
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["mixer", "swa_k", "swa_v"], meta_fields=[])
+@dataclasses.dataclass
+class SambaYTrace:
+    """A traced forward's per-position inputs: the P+1 Mamba layers' `mamba1.MixerTrace` (stacked `[P+1, B, T,
+    ...]`, the memory layer last) and the self-decoder attention's new keys/values `[P, B, K, T, Hd]`."""
+
+    mixer: mamba1.MixerTrace
+    swa_k: jax.Array
+    swa_v: jax.Array
+
+
+def rollback(params: dict, cfg: Config, before: SambaYCache, after: SambaYCache, trace: SambaYTrace,
+             keep: jax.Array) -> SambaYCache:
+    """The cache as if the traced forward from `before` had consumed only its first `keep [B]` tokens:
+    Mamba states rebuilt from the trace (`mamba1.rewind`), ring buffers rewritten from `before` with the
+    kept keys only (a rejected token may have overwritten a live slot), the shared KV cut by `lengths`."""
+    keep = keep.astype(jnp.int32)
+    mamba = params["self"]["mamba"]
+    a_self = mamba["A_log"] if isinstance(mamba, dict) else jnp.stack([p["A_log"] for p in mamba])
+    A_log = jnp.concatenate([a_self, params["memory"]["A_log"][None]])  # [P+1, Di, N]
+    conv, ssm = jax.vmap(mamba1.rewind, in_axes=(0, 0, 0, 0, None))(A_log, before.conv, before.ssm, trace.mixer, keep)
+    kept = jnp.arange(trace.swa_k.shape[3])[None] < keep[:, None]  # [B, T]
+    ring = jax.vmap(hl.ring_write, in_axes=(0, 0, None, None))
+    return SambaYCache(conv=conv.astype(before.conv.dtype), ssm=ssm,
+                       swa_k=ring(before.swa_k, trace.swa_k, before.lengths, kept),
+                       swa_v=ring(before.swa_v, trace.swa_v, before.lengths, kept),
+                       k=after.k, v=after.v, lengths=before.lengths + keep)
+
+
+def is_per_layer(params: dict) -> bool:
+    return not isinstance(params["self"]["mamba"], dict)
 
 
 def unstack_layers(params: dict) -> dict:

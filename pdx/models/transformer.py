@@ -1,10 +1,12 @@
-"""Llama-family decoder transformer (Llama, SmolLM2, Qwen2, Mistral) as pure functions.
+"""Llama-family decoder transformer (Llama, SmolLM2, Qwen2, Mistral; LLaDA-style dLLMs) as pure functions.
 
-Model protocol (see DESIGN.md):
+Implements the model protocol (`pdx.models.protocol`, `docs/model-protocol.md`):
     cfg = Config(...)                                     # frozen, static under jit
     params = init_params(cfg, key)                        # or pdx.io loaders
     cache = init_cache(cfg, batch, max_len, dtype)
-    logits, cache = forward(params, cfg, tokens, positions, cache, mask_mode)
+    logits, cache = forward(params, cfg, tokens, positions, cache, mask_mode=..., valid=...)
+Causal, bidirectional and block-causal attention; a KV cache rolled back by its lengths; with
+`mask_token_id` set the config is a masked-diffusion LLM.
 
 Params (layers stacked on a leading axis L and run with `lax.scan`, weights `[out, in]`):
     embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied)
@@ -22,10 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pdx import masks
 from pdx.errors import ConfigError, require
 from pdx.kernels_pallas.attend import attend
+from pdx.masks import CAUSAL, MaskMode
 from pdx.models import layers as nn
-from pdx.models.layers import CAUSAL, MaskMode, RopeScaling
+from pdx.models import protocol
+from pdx.models.layers import RopeScaling, lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +55,13 @@ class Config:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     mask_token_id: int | None = None  # set for masked-diffusion LLMs
+    logit_shift: int = 0  # dLLMs: logits at position i predict the token at i + logit_shift (Dream, AR-initialised: 1)
 
     def __post_init__(self):
         require(self.num_heads % self.num_kv_heads == 0,
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})", ConfigError)
         require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}", ConfigError)
+        require(self.logit_shift in (0, 1), f"logit_shift must be 0 or 1, got {self.logit_shift}", ConfigError)
         if self.layer_windows is not None:
             require(len(self.layer_windows) == self.num_layers,
                     f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers", ConfigError)
@@ -118,7 +125,15 @@ class KVCache:
         return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool | None = None) -> KVCache:
+def capabilities(cfg: Config) -> protocol.Capabilities:
+    return protocol.Capabilities(
+        name="a Llama-family transformer",
+        objective=protocol.CAUSAL_LM if cfg.mask_token_id is None else protocol.MASKED_DIFFUSION,
+        mask_modes=frozenset(protocol.MASK_KINDS), extras=frozenset(protocol.EXTRAS), rollback=protocol.ROLLBACK_KV,
+        layer_skip=True, int8_weights=True, logit_shift=cfg.logit_shift)
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32, *, per_layer: bool | None = None) -> KVCache:
     """An empty cache; `per_layer` (default: on CPU, matching `pdx.load_model`'s unstacked params)
     picks per-layer buffers over one stacked array."""
     per_layer = jax.default_backend() == "cpu" if per_layer is None else per_layer
@@ -166,6 +181,7 @@ def hidden_states(
     tokens: jax.Array,
     positions: jax.Array,
     cache: KVCache | None = None,
+    *,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
@@ -183,7 +199,7 @@ def hidden_states(
     `tree_mask [B, T, T]` (optional) is ANDed with the visibility among the new tokens: speculative tree
     verification, where each node (position = prefix length + depth) sees only its ancestors.
     """
-    mode = nn.as_mask_mode(mask_mode)
+    mode = masks.as_mask_mode(mask_mode)
     b, t = tokens.shape
     x = nn.embed(params["embed"], tokens)  # [B, T, D]
     cos, sin = nn.rope_tables(positions, nn.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
@@ -301,6 +317,10 @@ def split_layer(p: dict) -> dict:
     return out
 
 
+def is_per_layer(params: dict) -> bool:
+    return isinstance(params["layers"], (list, tuple))
+
+
 def unstack_layers(params: dict) -> dict:
     """Params with `layers` as a list of per-layer dicts of separate arrays, q/k/v and gate/up fused
     (`fuse_layer`).
@@ -325,30 +345,45 @@ def stack_layers(params: dict) -> dict:
     return params | {"layers": jax.tree.map(lambda *a: jnp.stack(a), *[split_layer(p) for p in layers])}
 
 
-def lm_head(params: dict, cfg: Config, x: jax.Array) -> jax.Array:
-    """Logits `[..., V]` in fp32 from hidden states `[..., D]`."""
-    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    return nn.dense("...d,vd->...v", x, w).astype(jnp.float32)
-
-
 def forward(
     params: dict,
     cfg: Config,
     tokens: jax.Array,
     positions: jax.Array,
     cache: KVCache | None = None,
+    *,
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
     tree_mask: jax.Array | None = None,
     logits: str = "all",
-) -> tuple[jax.Array, KVCache | None]:
-    """Logits (fp32) and the updated cache; see `hidden_states`.
+    trace: bool = False,
+):
+    """Logits (fp32) and the updated cache (and a `None` trace with `trace=True`: a KV cache rolls
+    back by its lengths alone); see `hidden_states`.
 
     logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token
     only (prefill needs no more, and the LM head is a fifth of a SmolLM2 prefill's FLOPs)."""
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode, valid, cache_visible, tree_mask)
+    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode=mask_mode, valid=valid,
+                             cache_visible=cache_visible, tree_mask=tree_mask)
     if logits == "last":
         x = nn.last_valid(x, valid)
-    return lm_head(params, cfg, x), cache
+    out = lm_head(params, cfg, x)
+    return (out, cache, None) if trace else (out, cache)
+
+
+def rollback(params: dict, cfg: Config, before: KVCache, after: KVCache, trace, keep: jax.Array) -> KVCache:
+    """`after` keeping only the first `keep [B]` tokens of the forward that started at `before`: slots
+    past `lengths` are never read, so lowering it is the whole rollback."""
+    del params, cfg, trace
+    return dataclasses.replace(after, lengths=before.lengths + keep.astype(jnp.int32))
+
+
+def skip_layers(params: dict, cfg: Config, skip) -> tuple[dict, Config]:
+    """The model without the layers in `skip` (per-layer params; the kept layers' arrays are shared)."""
+    kept = [i for i in range(cfg.num_layers) if i not in set(skip)]
+    params = unstack_layers(params)
+    windows = tuple(cfg.windows[i] for i in kept) if cfg.layer_windows else None
+    return (params | {"layers": [params["layers"][i] for i in kept]},
+            dataclasses.replace(cfg, num_layers=len(kept), layer_windows=windows))

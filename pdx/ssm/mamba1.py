@@ -19,11 +19,22 @@ x_proj [R + 2N, Di], dt_proj [Di, R], dt_proj_bias [Di], A_log [Di, N], D [Di], 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pdx.ssm.conv import causal_conv1d, causal_conv1d_step
+from pdx.ssm.conv import causal_conv1d, causal_conv1d_step, window_after
+
+
+class MixerTrace(NamedTuple):
+    """Per-position inputs of one multi-token `mixer` call, enough to rebuild its states after any prefix."""
+
+    conv_in: jax.Array  # [B, T, Di] conv inputs
+    x: jax.Array  # [B, T, Di] SSM inputs (after conv + silu)
+    dt: jax.Array  # [B, T, Di] discretized steps (0 at padding)
+    B: jax.Array  # [B, T, N]
 
 
 def _combine(left, right):
@@ -96,8 +107,10 @@ def mixer(
     valid: jax.Array,
     step: bool,
     chunk: int = 64,
+    trace: bool = False,
 ):
-    """A Mamba-1 block on `h [B, T, D]`; returns `(out [B, T, D], y [B, T, Di], conv_state, ssm_state)`.
+    """A Mamba-1 block on `h [B, T, D]`; returns `(out [B, T, D], y [B, T, Di], conv_state, ssm_state)`,
+    and a `MixerTrace` last when `trace` (for `rewind`).
 
     `y` is the pre-gate SSM output (`C h + D x`); `out = out_proj(y * silu(z))`. conv_state:
     [B, K-1, Di] last conv inputs (None: zeros); ssm_state: [B, Di, N] fp32 (None: zeros).
@@ -139,7 +152,22 @@ def mixer(
         out = jnp.einsum("bti,di->btd", y * jax.nn.silu(z), p["out_proj"].astype(y.dtype))
         if "out_proj_bias" in p:
             out = out + p["out_proj_bias"].astype(out.dtype)
+    if trace:
+        return out, y, new_conv, new_ssm, MixerTrace(x, xc, dt, Bm)
     return out, y, new_conv, new_ssm
+
+
+def rewind(A_log: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, tr: MixerTrace, n: jax.Array):
+    """States after only the first `n [B]` of the T tokens a traced `mixer` call consumed from `conv_state
+    [B, K-1, Di]`, `ssm_state [B, Di, N]`: the conv window re-cut, the SSM state rebuilt with dt = 0 past n.
+    O(T) state updates and no weight reads (speculative rollback)."""
+    t = tr.dt.shape[1]
+    keep = jnp.arange(t)[None, :, None] < n[:, None, None]  # [B, T, 1]
+    padded = jnp.concatenate([conv_state, tr.conv_in.astype(conv_state.dtype)], axis=1)  # [B, K-1+T, Di]
+    A = -jnp.exp(A_log.astype(jnp.float32))
+    zero_skip = jnp.zeros(A.shape[:1], jnp.float32)
+    _, ssm = selective_scan(tr.x, jnp.where(keep, tr.dt, 0.0), A, tr.B, tr.B, zero_skip, ssm_state, t)  # y unused
+    return window_after(padded, n, conv_state.shape[1]), ssm
 
 
 def init_mixer_params(key: jax.Array, d_model: int, d_inner: int, d_state: int, dt_rank: int, conv_kernel: int,

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pdx.masks import BIDIRECTIONAL, MaskMode
 from pdx.models import transformer
-from pdx.models.layers import BIDIRECTIONAL, MaskMode
 
 
 @dataclasses.dataclass(frozen=True)

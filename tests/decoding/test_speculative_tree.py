@@ -77,19 +77,23 @@ def test_tree_sampling_is_lossless(kind, knobs):
 
 def test_bad_options(target):
     spec_tree, spec_aded, lookahead = (registry.get(n) for n in ("spec-tree", "spec-aded", "lookahead"))
-    with pytest.raises(InvalidInputError, match="tree shape"):
+    with pytest.raises(InvalidInputError, match="option 'tree' must be >= 1"):
         spec_tree(target, PROMPTS, tree=[2, 0])
-    with pytest.raises(InvalidInputError, match="tree must be"):
+    with pytest.raises(InvalidInputError, match="option 'tree' must be a list of integers"):
         spec_tree(target, PROMPTS, tree=3)
+    with pytest.raises(InvalidInputError, match="tree shape"):
+        drafters.tree_draft(drafters.layer_skip(target, [1], 1), [])
     with pytest.raises(InvalidInputError, match="vocabulary"):
         engine.generate(target, PROMPTS, drafter=drafters.tree_draft(drafters.draft_model(target, tiny(vocab=64), 1),
                                                                      (2,)))
     with pytest.raises(InvalidInputError, match="cache holds"):  # 1 + 4 + 16 + 64 nodes do not fit
         spec_tree(target, [[1] * 40], tree=[4, 4, 4], skip=[1], max_new_tokens=10, max_len=128)
-    with pytest.raises(InvalidInputError, match="K must be an int >= 1"):
+    with pytest.raises(InvalidInputError, match="option 'k' must be >= 1"):
         spec_aded(target, PROMPTS, k=0)
-    with pytest.raises(InvalidInputError, match="ngram must be"):
+    with pytest.raises(InvalidInputError, match="option 'ngram_size' must be >= 2"):
         lookahead(target, PROMPTS, ngram_size=1)
+    with pytest.raises(InvalidInputError, match="ngram must be"):
+        ngram.Lookahead(ngram=1)
     with pytest.raises(InvalidInputError, match="adaptive"):
         engine.generate(target, PROMPTS, drafter=ngram.Lookahead(), adaptive=True)
     with pytest.raises(InvalidInputError, match="slots"):

@@ -10,7 +10,7 @@ import pytest
 
 from pdx.errors import InvalidInputError
 from pdx.kernels_pallas import decode_attention as da
-from pdx.models.layers import CAUSAL, MaskMode
+from pdx.masks import CAUSAL, MaskMode
 from tests.kernels_pallas.helpers import ATOL, assert_close, qkv
 
 F32, BF16 = jnp.float32, jnp.bfloat16

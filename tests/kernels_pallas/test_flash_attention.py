@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pdx import masks
 from pdx.errors import InvalidInputError
 from pdx.kernels_pallas import _core, use_impl
 from pdx.kernels_pallas import flash_attention as fa
 from pdx.kernels_pallas.block_mask import block_map, skip_stats
-from pdx.models import layers
-from pdx.models.layers import BIDIRECTIONAL, CAUSAL, MaskMode
+from pdx.masks import BIDIRECTIONAL, CAUSAL, MaskMode
 from tests.kernels_pallas.helpers import ATOL, assert_close, qkv
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -46,7 +46,7 @@ def _inputs(b, t, s, n, kv, h, dtype, lengths, q_start, seed=0):
 
 def _seen(q_pos, k_pos, k_valid, mode, window, sinks, mask=None):
     """[B, T]: rows that see at least one key."""
-    visible = layers.visibility(q_pos, k_pos, k_valid, mode, window, sinks)
+    visible = masks.visibility(q_pos, k_pos, k_valid, mode, window, sinks)
     return (visible if mask is None else visible & mask).any(-1)
 
 
@@ -155,10 +155,10 @@ def test_block_map_is_exact_for_contiguous_positions(mode, window):
     k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
     k_valid = k_pos < jnp.array([[160], [101]])
     live = block_map(q_pos, jnp.ones((b, t), bool), k_pos, k_valid, mode, window, 0, bq, bk)
-    dense = layers.visibility(q_pos, k_pos, k_valid, mode, window).reshape(b, t // bq, bq, s // bk, bk).any((2, 4))
+    dense = masks.visibility(q_pos, k_pos, k_valid, mode, window).reshape(b, t // bq, bq, s // bk, bk).any((2, 4))
     np.testing.assert_array_equal(np.asarray(live), np.asarray(dense))
     with_sinks = block_map(q_pos, jnp.ones((b, t), bool), k_pos, k_valid, mode, window, 5, bq, bk)
-    dense = layers.visibility(q_pos, k_pos, k_valid, mode, window, 5).reshape(b, t // bq, bq, s // bk, bk).any((2, 4))
+    dense = masks.visibility(q_pos, k_pos, k_valid, mode, window, 5).reshape(b, t // bq, bq, s // bk, bk).any((2, 4))
     assert bool(jnp.all(with_sinks | ~dense))  # a superset: never drops a live tile
 
 

@@ -12,7 +12,7 @@ from jax._src.pallas.mosaic import tpu_info
 
 from pdx.kernels_pallas import decode_attention as da
 from pdx.kernels_pallas import flash_attention as fa
-from pdx.models.layers import CAUSAL, MaskMode
+from pdx.masks import CAUSAL, MaskMode
 
 B, T, N, K, H = 2, 256, 8, 2, 128
 Q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)

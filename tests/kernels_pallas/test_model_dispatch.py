@@ -13,8 +13,8 @@ import pytest
 
 from pdx.kernels_pallas import attend as attend_mod
 from pdx.kernels_pallas import use_impl
+from pdx.masks import CAUSAL, MaskMode
 from pdx.models import transformer as tf
-from pdx.models.layers import CAUSAL, MaskMode
 from tests.kernels_pallas.helpers import qkv
 
 # One jitted forward per path (distinct functions, so no trace is shared across paths), traced under it.

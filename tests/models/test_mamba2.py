@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pdx
-from pdx.errors import ConfigError, InvalidInputError
+from pdx.errors import ConfigError, InvalidInputError, UnsupportedError
 from pdx.models import mamba2 as m2
 
 ATOL = 1e-4  # fp32 logits of magnitude ~1-5 through 2 layers; observed errors are ~1e-6
@@ -81,7 +81,7 @@ def greedy(params, cfg, prompt, steps):
     return jax.lax.fori_loop(1, steps, body, (out, tok, cache))[0]
 
 
-step_fn = jax.jit(m2.forward, static_argnums=(1, 5))
+step_fn = jax.jit(m2.forward, static_argnums=1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -134,8 +134,8 @@ def feed_one_by_one(params, cfg, tokens, cache, valid=None):
     """Logits [B, T, V] and cache from T single-token (O(1) step) forwards; `valid [B, T]` freezes rows."""
     outs = []
     for i in range(tokens.shape[1]):
-        logits, cache = step_fn(params, cfg, tokens[:, i : i + 1], cache.lengths[:, None], cache, "causal",
-                                None if valid is None else valid[:, i : i + 1])
+        logits, cache = step_fn(params, cfg, tokens[:, i : i + 1], cache.lengths[:, None], cache,
+                                valid=None if valid is None else valid[:, i : i + 1])
         outs.append(logits)
     return jnp.concatenate(outs, 1), cache
 
@@ -163,7 +163,7 @@ def test_right_padded_batch_equals_rows_alone(tiny):
     extra = jnp.asarray([[12, 13], [14, 15]], jnp.int32)
     padded = jnp.asarray([s + [0] * (6 - len(s)) for s in seqs], jnp.int32)
     valid = jnp.arange(6)[None] < jnp.asarray([[len(s)] for s in seqs])
-    _, cache = step_fn(params, cfg, padded, positions_like(padded), m2.init_cache(cfg, 2), "causal", valid)
+    _, cache = step_fn(params, cfg, padded, positions_like(padded), m2.init_cache(cfg, 2), valid=valid)
     assert cache.lengths.tolist() == [len(s) for s in seqs]
     logits, cache = feed_one_by_one(params, cfg, extra, cache)
     for b, s in enumerate(seqs):
@@ -225,7 +225,7 @@ def test_verify_states_rewind_to_any_prefix(tiny):
     prompt = jnp.asarray(rng.integers(0, 64, (2, 6)), jnp.int32)
     draft = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
     _, cache = step_fn(params, cfg, prompt, positions_like(prompt), m2.init_cache(cfg, 2))
-    verify = jax.jit(functools.partial(m2.forward, return_states=True), static_argnums=1)
+    verify = jax.jit(functools.partial(m2.forward, trace=True), static_argnums=1)
     _, full_cache, trace = verify(params, cfg, draft, 6 + positions_like(draft), cache)
     rewind = jax.jit(m2.rewind, static_argnums=1)
     for n in ([0, 5], [1, 3], [4, 2]):
@@ -242,7 +242,7 @@ def test_verify_states_rewind_to_any_prefix(tiny):
 def test_bad_inputs_raise_pdx_errors(tiny):
     cfg, params = tiny
     tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
-    with pytest.raises(InvalidInputError, match="causal"):
+    with pytest.raises(UnsupportedError, match="causal"):
         m2.forward(params, cfg, tokens, tokens, mask_mode="bidirectional")
     with pytest.raises(InvalidInputError, match="token ids"):
         m2.forward(params, cfg, jnp.asarray([[1, 64]], jnp.int32), tokens[:, :2])

@@ -201,7 +201,7 @@ def test_bad_input_raises(tiny):
     tokens = jnp.zeros((1, 3), jnp.int32)
     with pytest.raises(InvalidInputError, match="token ids"):
         sb.forward(model.params, model.cfg, tokens + 64, positions_like(tokens))
-    with pytest.raises(InvalidInputError, match="causal"):
+    with pytest.raises(UnsupportedError, match="causal"):
         sb.forward(model.params, model.cfg, tokens, positions_like(tokens), mask_mode="bidirectional")
     with pytest.raises(InvalidInputError, match="rows"):
         sb.forward(model.params, model.cfg, tokens, positions_like(tokens), sb.init_cache(model.cfg, 2, 8))

@@ -10,8 +10,8 @@ import torch
 
 import pdx
 from pdx.errors import ConfigError, InvalidInputError
+from pdx.masks import BIDIRECTIONAL, MaskMode
 from pdx.models import transformer as tf
-from pdx.models.layers import BIDIRECTIONAL, MaskMode
 from pdx.models.quant import quantize_params
 
 ATOL = 1e-4  # fp32, tiny models: logits of magnitude ~1

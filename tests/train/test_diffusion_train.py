@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+import pdx
 from pdx.errors import ModelLoadError
 from pdx.io import orbax_checkpoint as checkpoint
+from pdx.masks import MaskMode
 from pdx.models import transformer as tf
-from pdx.models.layers import MaskMode
 from pdx.train import diffusion, tasks
 
 CFG = tf.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -117,10 +118,11 @@ def test_checkpoint_is_atomic_and_round_trips(tmp_path):
     params2 = jax.tree.map(lambda a: a + 1, params)
     checkpoint.save(path, params2, dataclasses.replace(CFG, rope_theta=500.0), dict(attention="block_causal"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary or old directories left behind
-    model, meta = checkpoint.load_dllm(path)
-    assert meta == dict(attention="block_causal") and model.cfg == dataclasses.replace(CFG, rope_theta=500.0)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params),
-                 jax.tree.map(np.asarray, params2))
+    cfg, loaded, meta = checkpoint.load_dllm(path)
+    assert meta == dict(attention="block_causal") and cfg == dataclasses.replace(CFG, rope_theta=500.0)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params2))
+    model = pdx.load_model(path, dtype="bfloat16")  # the loader applies dtype and the CPU layout here too
+    assert tf.is_per_layer(model.params) and model.params["embed"].dtype == jnp.bfloat16
     with pytest.raises(ModelLoadError, match="meta.json"):
         checkpoint.load(tmp_path / "missing")
 

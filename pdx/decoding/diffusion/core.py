@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pdx.decoding import compiled
 from pdx.decoding.diffusion import policies
 from pdx.decoding.result import GenerationResult
-from pdx.errors import ConfigError, require
-from pdx.models.layers import BIDIRECTIONAL, MaskMode
+from pdx.errors import require
+from pdx.masks import BIDIRECTIONAL, MaskMode
+from pdx.models import protocol
 
 CACHE_MODES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
@@ -91,8 +93,8 @@ def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
     if cache is not None:
         cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
         visible = jnp.zeros((b, cache.max_len), bool)  # a fresh pass sees no cached slots
-    logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, spec.mask_mode,
-                                        valid, visible)
+    logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, mask_mode=spec.mask_mode,
+                                        valid=valid, cache_visible=visible)
     return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
 
 
@@ -119,7 +121,8 @@ def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
         seen |= slots >= lo + n
     cache = dataclasses.replace(cache, lengths=jnp.full((b,), lo, jnp.int32))
     logits, cache = spec.family.forward(params, cfg, tokens, _positions(lo + jnp.arange(n), b), cache,
-                                        spec.mask_mode, tok_valid, slot_valid & seen[None])
+                                        mask_mode=spec.mask_mode, valid=tok_valid,
+                                        cache_visible=slot_valid & seen[None])
     return logits[:, :k], cache
 
 
@@ -143,7 +146,8 @@ def _candidates(spec: Spec, logits, masked, key, knobs, mask_id: int):
     return x0, jnp.where(masked, conf, -jnp.inf)
 
 
-def decode(params, cfg, spec: Spec, x, valid, prompt, key, knobs):
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
     """Denoise the generated region of `x [B, W]` (valid, prompt: [B, W] bool). Returns a dict:
     x [B, W], commit_step [B, G] (the step each slot was committed at, -1 if never), nfe,
     steps, steps_per_block [num_blocks], committed [B, G] (tokens committed per row per step) and
@@ -167,7 +171,7 @@ def decode(params, cfg, spec: Spec, x, valid, prompt, key, knobs):
 
     cache = None
     if spec.cache != "none":
-        cache = spec.family.init_cache(cfg, rows, spec.cache_slots, params["embed"].dtype)
+        cache = protocol.new_cache(spec.family, params, cfg, rows, spec.cache_slots, params["embed"].dtype)
 
     def body(c):
         start = p + c["block"] * k
@@ -211,20 +215,6 @@ def decode(params, cfg, spec: Spec, x, valid, prompt, key, knobs):
                 steps_per_block=out["steps_per_block"], committed=out["committed"], row_nfe=out["row_nfe"])
 
 
-_decode_jit = jax.jit(decode, static_argnames=("cfg", "spec"))
-_COMPILED: dict = {}
-
-
-def _compiled(params, cfg, spec: Spec, *args):
-    """The executable for this (config, spec, shapes) bucket, compiled once; returns it and the compile time."""
-    sig = (cfg, spec, tuple((a.shape, a.dtype) for a in jax.tree.leaves((params, args))))
-    if sig in _COMPILED:
-        return _COMPILED[sig], 0.0
-    t0 = time.perf_counter()
-    _COMPILED[sig] = _decode_jit.lower(params, cfg, spec, *args).compile()
-    return _COMPILED[sig], time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------------------------------------
 # Host side: validation, canvas, result.
 
@@ -262,11 +252,13 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
         cache: str = "none", attention: str = "bidirectional", temperature: float = 0.0, threshold: float = 1.0,
         factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16,
         stop: Callable = eos_stop) -> GenerationResult:
-    """Validate, build the canvas, run the compiled loop and package a `GenerationResult`."""
+    """Validate, build the canvas, run the compiled loop and package a `GenerationResult`.
+
+    The caller (a registered strategy) has checked that the family is a masked-diffusion LLM with
+    the attention and cache extras these options need (`pdx.decoding.registry`)."""
     cfg = model.cfg
-    mask_id = getattr(cfg, "mask_token_id", None)
-    require(mask_id is not None, "the model config has no mask_token_id: it is not a masked-diffusion LLM "
-            "(set mask_token_id in config.json)", ConfigError)
+    caps = model.family.capabilities(cfg)
+    mask_id = cfg.mask_token_id
     check_shape(max_new_tokens, block_size)
     require(cache in CACHE_MODES, f"cache must be one of {CACHE_MODES}, got {cache!r}")
     require(remasking in REMASKING, f"remasking must be one of {REMASKING}, got {remasking!r}")
@@ -274,7 +266,7 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
     require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
     require(cfg_scale >= 0, f"cfg_scale must be >= 0, got {cfg_scale}")
     check_prompts(prompts, cfg.vocab_size, mask_id)
-    shift = getattr(model.family, "DLLM_LOGIT_SHIFT", 0)
+    shift = caps.logit_shift
     pad_id = next(t for t in (cfg.pad_token_id, *cfg.eos_token_ids, 0) if t is not None)
     x, valid, prompt, p = build_canvas([list(q) for q in prompts], max_new_tokens, block_size, mask_id, pad_id,
                                        prompt_bucket)
@@ -283,10 +275,10 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
     knobs = {name: jnp.float32(v) for name, v in
              dict(temperature=temperature, threshold=threshold, factor=factor, cfg_scale=cfg_scale).items()}
     args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(prompt), jax.random.PRNGKey(seed), knobs)
-    fn, compile_s = _compiled(model.params, cfg, spec, *args)
     t0 = time.perf_counter()
-    out = jax.device_get(fn(model.params, *args))
-    decode_s = time.perf_counter() - t0
+    out, compile_s = compiled.run(decode, {"cfg": cfg, "spec": spec}, model.params, *args)
+    out = jax.device_get(out)
+    decode_s = time.perf_counter() - t0 - compile_s
     gen = out["x"][:, p:]
     tokens, lengths = finish_rows(gen, mask_id, cfg.eos_token_ids, pad_id)
     steps = int(out["steps"])

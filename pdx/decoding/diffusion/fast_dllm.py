@@ -3,11 +3,13 @@ block-wise prefix / dual KV caches refreshed at every block start."""
 
 from __future__ import annotations
 
+from pdx.decoding import registry
 from pdx.decoding.diffusion import core, policies
 from pdx.decoding.result import GenerationResult
 from pdx.errors import require
 
 
+@registry.strategy("fast-dllm")
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, seed: int = 0, block_size: int = 32,
              threshold: float = 0.9, factor: float | None = None, cache: str = "dual", temperature: float = 0.0,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, attention: str = "bidirectional",

@@ -4,10 +4,12 @@ temperature and classifier-free guidance."""
 
 from __future__ import annotations
 
+from pdx.decoding import registry
 from pdx.decoding.diffusion import core, policies
 from pdx.decoding.result import GenerationResult
 
 
+@registry.strategy("llada")
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int = 32, seed: int = 0, steps: int | None = None,
              block_size: int | None = None, temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", cache: str = "none", attention: str = "bidirectional",

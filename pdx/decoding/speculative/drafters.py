@@ -32,6 +32,10 @@ from pdx.decoding.ar import Plan, prefill_cache
 from pdx.decoding.sampling import SamplingParams, filter_logits
 from pdx.decoding.speculative import tree
 from pdx.errors import InvalidInputError
+from pdx.models import protocol
+
+# Scoring a tree of nodes in one pass needs tree attention, and compacting the accepted path a KV cache.
+TREE_NEEDS = protocol.Needs(extras=frozenset({"tree_mask"}), rollback=protocol.ROLLBACK_KV)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +80,19 @@ class DraftModel:
     """A second model sharing the target's vocabulary drafts K tokens autoregressively with its own cache.
 
     Also serves layer-skip self-speculation: `layer_skip(model, skip)` builds one from the target.
+    Each proposal first feeds what the target accepted since the last one. A KV draft keeps the K/V
+    of the drafts it fed (lowering `lengths` drops the rest), so that is at most 2 tokens; a draft
+    with a recurrent state keeps the state at the last accepted token and re-feeds up to K+1 tokens.
     """
 
     family: types.ModuleType
     cfg: object
     k: int
     params: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def keeps_kv(self) -> bool:
+        return self.family.capabilities(self.cfg).rollback == protocol.ROLLBACK_KV
 
     def arrays(self, model):
         return self.params
@@ -97,12 +108,13 @@ class DraftModel:
         b, s = hist.shape
         # Catch up on what the target accepted since the last call: positions [valid length, pos].
         start = jnp.minimum(cache.lengths, pos)
-        count = pos - start + 1  # 1 (after a rejection) or 2 (after full acceptance)
-        offsets = jnp.arange(2)
+        count = pos - start + 1  # KV: 1 (after a rejection) or 2 (after full acceptance); state: 1..K+1
+        offsets = jnp.arange(2 if self.keeps_kv else self.k + 1)
         tokens = jnp.take_along_axis(hist, jnp.clip(start[:, None] + offsets, 0, s - 1), axis=1)
         cache = dataclasses.replace(cache, lengths=start)
         logits, cache = self._step(params, cache, tokens, start[:, None] + offsets, offsets < count[:, None])
         logits = jnp.take_along_axis(logits, (count - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        accepted = cache  # the state after the newest accepted token
 
         def pick(logits, key):
             def sample():
@@ -125,27 +137,21 @@ class DraftModel:
         last_tok, last_probs = pick(logits, key)
         drafts = jnp.concatenate([toks.T, last_tok[:, None]], axis=1)  # [B, K]
         probs = jnp.concatenate([probs.transpose(1, 0, 2), last_probs[:, None]], axis=1)  # [B, K, V]
-        return drafts, k, probs, cache
+        return drafts, k, probs, (cache if self.keeps_kv else accepted)
 
 
 def draft_model(model, draft, k: int) -> DraftModel:
     """Drafter from a second loaded `pdx.Model` (same vocabulary as the target)."""
+    protocol.check(draft.family, draft.cfg, protocol.Needs(), "drafting with a second model")
     return DraftModel(family=draft.family, cfg=draft.cfg, k=k, params=draft.params)
 
 
 def layer_skip(model, skip: list[int] | tuple[int, ...], k: int) -> DraftModel:
-    """Self-speculative drafter: the target itself with the layers in `skip` left out.
-
-    Uses the target's own weights (no copy); the draft keeps its own, smaller KV cache.
+    """Self-speculative drafter: the target itself with the layers in `skip` left out (the family's
+    `skip_layers`). Uses the target's own weights (no copy); the draft keeps its own, smaller cache.
     """
-    from pdx.models import transformer
-
-    kept = [i for i in range(model.cfg.num_layers) if i not in set(skip)]
-    params = transformer.unstack_layers(model.params)
-    params = params | {"layers": [params["layers"][i] for i in kept]}
-    cfg = dataclasses.replace(model.cfg, num_layers=len(kept),
-                              layer_windows=tuple(model.cfg.windows[i] for i in kept) if model.cfg.layer_windows
-                              else None)
+    protocol.check(model.family, model.cfg, protocol.Needs(layer_skip=True), "layer-skip drafting")
+    params, cfg = model.family.skip_layers(model.params, model.cfg, skip)
     return DraftModel(family=model.family, cfg=cfg, k=k, params=params)
 
 
@@ -246,4 +252,5 @@ def tree_draft(drafter: DraftModel, branches) -> TreeDraft:
     """Tree drafter from a chain `DraftModel` (its K is ignored; the depth is `len(branches)`)."""
     if not isinstance(drafter, DraftModel):
         raise InvalidInputError("a tree is drafted by a DraftModel (draft_model or layer_skip)")
+    protocol.check(drafter.family, drafter.cfg, TREE_NEEDS, "tree drafting")
     return TreeDraft(draft=drafter, branches=tuple(branches) if isinstance(branches, (list, tuple)) else branches)

@@ -1,11 +1,12 @@
-"""The draft/verify loop: one jitted `lax.while_loop`, per-row acceptance, KV rollback by length.
+"""The draft/verify loop: one jitted `lax.while_loop`, per-row acceptance, rollback by the family's rule.
 
 Each iteration: the drafter proposes up to K tokens; the target scores (last, d_1..d_K) in one
 forward pass over K+1 positions; the longest acceptable prefix d_1..d_n is kept, followed by
 the target's own next token (correction or bonus), so every pass emits n+1 tokens. The target
-cache then keeps exactly last, d_1..d_n (its `lengths` is set back). Greedy verification is
-exact match, so the output is token-identical to the AR engine; sampling uses lossless
-rejection sampling. K is static; the per-row draft budget k (adaptive length) is traced.
+cache then keeps exactly last, d_1..d_n: the family's `rollback` (a KV cache lowers its lengths; a
+recurrent state is rebuilt from the traced forward's inputs). Greedy verification is exact match,
+so the output is token-identical to the AR engine; sampling uses lossless rejection sampling. K is
+static; the per-row draft budget k (adaptive length) is traced.
 
 Tree drafters (`tree_decode`) score a static tree of drafted nodes in the same single pass (tree
 attention mask) and move the accepted path's K/V into consecutive slots; see `tree.py`.
@@ -79,7 +80,8 @@ def _advance(s: SpecState, cache, path_tokens, n, nxt, proposed, drafted, stop_i
 
     path_tokens [B, D]: the accepted tokens d_1..d_n (entries past n are ignored); nxt [B]: the
     target's token after them; proposed [B, D]: draft positions offered (per-position stats);
-    drafted [B]: tokens proposed. `cache` must already hold last, d_1..d_n at slots pos..pos+n.
+    drafted [B]: tokens proposed. `cache` must be rolled back already: holding last, d_1..d_n
+    for active rows (`keep(s, n)` tokens past `s.cache`), unchanged for finished ones.
     """
     d = path_tokens.shape[1]
     n_max = s.out.shape[1] - s.accepted_at.shape[0] - 1
@@ -95,7 +97,6 @@ def _advance(s: SpecState, cache, path_tokens, n, nxt, proposed, drafted, stop_i
     num_new = s.num_new + count
     done = s.done | is_stop.any(axis=1) | (num_new >= n_max)
     active = ~s.done
-    cache = dataclasses.replace(cache, lengths=jnp.where(active, s.pos + 1 + n, s.pos))
     depth = jnp.arange(s.accepted_at.shape[0])
     return SpecState(
         cache=cache, hist=hist, pos=jnp.where(active, s.pos + 1 + n, s.pos), out=out, num_new=num_new,
@@ -104,6 +105,11 @@ def _advance(s: SpecState, cache, path_tokens, n, nxt, proposed, drafted, stop_i
         accepted=s.accepted + jnp.where(active, n, 0),
         accepted_at=s.accepted_at + jnp.sum((depth < n[:, None]) & active[:, None], axis=0),
         proposed_at=s.proposed_at + jnp.sum(proposed & active[:, None], axis=0))
+
+
+def keep(s: SpecState, n: jax.Array) -> jax.Array:
+    """Tokens of the verify pass the target cache keeps: last, d_1..d_n for active rows, none for finished ones."""
+    return jnp.where(s.done, 0, n + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
@@ -122,7 +128,7 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         tokens = jnp.concatenate([last, drafts], axis=1)  # [B, K+1]
         positions = s.pos[:, None] + steps
         valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
-        logits, cache = family.forward(params, cfg, tokens, positions, s.cache, valid=valid)  # [B, K+1, V]
+        logits, cache, trace = family.forward(params, cfg, tokens, positions, s.cache, valid=valid, trace=True)
         if probs is None:
             probs = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
         n, nxt = lax.cond(sampling.temperature > 0,
@@ -132,6 +138,7 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         if adaptive:  # grow on full acceptance, shrink on a rejection
             k = jnp.where(n >= n_draft, jnp.minimum(k + 1, kmax), jnp.maximum(k - 1, 1))
         proposed = jnp.arange(kmax) < n_draft[:, None]
+        cache = family.rollback(params, cfg, s.cache, cache, trace, keep(s, n))
         return _advance(s, cache, drafts, n, nxt, proposed, n_draft, stop_ids, k=k, dstate=dstate, key=key)
 
     return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
@@ -161,7 +168,7 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
                                 lambda: tree.verify_sampling(tr, logits, tokens, node_valid, sampling, k_verify),
                                 lambda: tree.verify_greedy(tr, logits, tokens, node_valid))
         dstate = drafter.observe(dstate, logits, s.pos, n)
-        cache = tree.compact(cache, s.pos, path)
+        cache = family.rollback(params, cfg, s.cache, tree.compact(cache, s.pos, path), None, keep(s, n))
         path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
         proposed = tree.offered_by_depth(tr, node_valid)
         drafted = jnp.sum(node_valid & jnp.asarray(tr.candidate[1:]), axis=1)

@@ -11,30 +11,25 @@ step, 8 tokens 1.7x, 9 tokens 2.9x).
 
 from __future__ import annotations
 
+from pdx.decoding.registry import strategy
 from pdx.decoding.speculative import drafters, engine, ngram
 from pdx.errors import InvalidInputError
 
 
+@strategy("spec-pld")
 def spec_pld(model, prompts, *, k: int = 3, max_ngram: int = 3, adaptive: bool = False, **options):
     """Prompt lookup decoding: drafts copied from earlier text matching the last n-gram."""
-    if not (isinstance(max_ngram, int) and max_ngram >= 1):
-        raise InvalidInputError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
     return engine.generate(model, prompts, drafter=drafters.PromptLookup(k=k, max_ngram=max_ngram),
                            adaptive=adaptive, **options)
 
 
+@strategy("spec-draft")
 def spec_draft(model, prompts, *, draft=None, k: int = 3, adaptive: bool = False, **options):
-    """A second model drafts: `draft` is a `pdx.Model` or a path that `pdx.load_model` reads."""
+    """A second model drafts: `draft` is a loaded `pdx.Model` sharing the target's vocabulary (the CLI
+    loads `--option draft=PATH`)."""
     if draft is None:
         raise InvalidInputError("spec-draft needs a draft model: --option draft=PATH (GGUF or HF directory)")
-    drafter = drafters.draft_model(model, _load_draft(draft), k)
-    return engine.generate(model, prompts, drafter=drafter, adaptive=adaptive, **options)
-
-
-def _load_draft(draft):
-    from pdx.model import Model, load_model
-
-    return draft if isinstance(draft, Model) else load_model(draft)
+    return engine.generate(model, prompts, drafter=drafters.draft_model(model, draft, k), adaptive=adaptive, **options)
 
 
 def _skip_layers(model, prompts, skip, num_skip):
@@ -50,6 +45,7 @@ def _skip_layers(model, prompts, skip, num_skip):
     return skip
 
 
+@strategy("spec-layerskip")
 def spec_layerskip(model, prompts, *, skip=None, num_skip: int | None = None, k: int = 3, adaptive: bool = False,
                    **options):
     """Self-speculation: the target with the layers in `skip` left out drafts for itself.
@@ -62,6 +58,7 @@ def spec_layerskip(model, prompts, *, skip=None, num_skip: int | None = None, k:
     return engine.generate(model, prompts, drafter=drafters.layer_skip(model, skip, k), adaptive=adaptive, **options)
 
 
+@strategy("spec-aded")
 def spec_aded(model, prompts, *, k: int = 7, contexts=(3, 2, 1), slots: int = 4096, adaptive: bool = True,
               **options):
     """ADED-style adaptive n-gram drafting from tables learned online over prompt and output."""
@@ -71,17 +68,19 @@ def spec_aded(model, prompts, *, k: int = 7, contexts=(3, 2, 1), slots: int = 40
                            adaptive=adaptive, **options)
 
 
+@strategy("lookahead")
 def lookahead(model, prompts, *, window: int = 5, ngram_size: int = 4, guesses: int = 5, **options):
     """Lookahead decoding with the target alone: Jacobi window + n-gram pool, verified in the same pass."""
     return engine.generate(model, prompts, drafter=ngram.Lookahead(window=window, ngram=ngram_size, guesses=guesses),
                            **options)
 
 
+@strategy("spec-tree")
 def spec_tree(model, prompts, *, tree=(3, 2, 1, 1), draft=None, skip=None, num_skip: int | None = None, **options):
     """Static-tree speculation: `tree` gives the branching per depth (top-k children of every node);
     drafted by `draft` (a second model, a path or `pdx.Model`) or else by the layer-skipped target."""
     if not isinstance(tree, (list, tuple)):
         raise InvalidInputError(f"tree must be a list of branching factors per depth, e.g. [3, 2, 1], got {tree!r}")
-    chain = (drafters.draft_model(model, _load_draft(draft), 1) if draft is not None
+    chain = (drafters.draft_model(model, draft, 1) if draft is not None
              else drafters.layer_skip(model, _skip_layers(model, prompts, skip, num_skip), 1))
     return engine.generate(model, prompts, drafter=drafters.tree_draft(chain, tree), **options)

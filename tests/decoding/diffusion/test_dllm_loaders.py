@@ -12,8 +12,8 @@ from safetensors.numpy import save_file
 import pdx
 from pdx.decoding.diffusion import core, fast_dllm
 from pdx.errors import ModelLoadError, UnsupportedError
+from pdx.masks import BIDIRECTIONAL
 from pdx.models import transformer as tf
-from pdx.models.layers import BIDIRECTIONAL
 from tests.reference import llada_torch
 
 SIZES = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
@@ -73,7 +73,7 @@ def test_format_loads_with_bidirectional_parity(tmp_path, kind):
     (write_llada if kind == "llada" else write_dream)(tmp_path, ref)
     model = pdx.load_model(tmp_path)
     assert model.cfg.mask_token_id == MASK and model.cfg.eos_token_ids == (EOS,)
-    assert getattr(model.family, "DLLM_LOGIT_SHIFT", 0) == (kind == "dream")
+    assert model.family.capabilities(model.cfg).logit_shift == (kind == "dream")
     tokens = np.random.default_rng(0).integers(0, 63, (2, 10))
     ours, _ = tf.forward(model.params, model.cfg, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(10), (2, 10)),
                          mask_mode=BIDIRECTIONAL)

@@ -8,7 +8,7 @@ import pytest
 
 from pdx.decoding import registry
 from pdx.decoding.diffusion import fast_dllm, llada
-from pdx.errors import ConfigError, InvalidInputError
+from pdx.errors import InvalidInputError, UnsupportedError
 from pdx.model import Model
 from pdx.models import transformer as tf
 
@@ -54,14 +54,14 @@ def test_knobs_do_not_recompile(model, compiles):
 def test_bad_input_raises_before_compiling(model, compiles):
     compiles.active = True
     no_mask = dataclasses.replace(model, cfg=dataclasses.replace(CFG, mask_token_id=None))
-    with pytest.raises(ConfigError, match="mask_token_id"):
+    with pytest.raises(UnsupportedError, match="mask_token_id"):
         llada.generate(no_mask, [[3]], max_new_tokens=8)
     with pytest.raises(InvalidInputError, match="multiple of block_size"):
         llada.generate(model, [[3]], max_new_tokens=10, block_size=4)
     with pytest.raises(InvalidInputError, match="at least the number of blocks"):
         llada.generate(model, [[3]], max_new_tokens=16, block_size=4, steps=2)
     for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(InvalidInputError, match=r"threshold must be in \(0, 1\]"):
+        with pytest.raises(InvalidInputError, match=r"option 'threshold' must be (> 0|<= 1)"):
             fast_dllm.generate(model, [[3]], max_new_tokens=8, block_size=4, threshold=bad)
     with pytest.raises(InvalidInputError, match="cache"):
         fast_dllm.generate(model, [[3]], max_new_tokens=8, block_size=4, cache="full")

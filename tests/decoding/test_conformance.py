@@ -1,0 +1,140 @@
+"""Every registered strategy on every model family: token-identical greedy output to the family's
+reference decoding, the same row alone as in a padded batch, or `UnsupportedError` before compiling.
+
+Families join by an entry in `FAMILIES` (a builder of a tiny model), strategies by their entry in
+`pdx.decoding.registry` plus the options in `EXACT` under which their greedy output must equal the
+reference (AR for causal LMs; LLaDA one token per step for masked-diffusion LLMs). Both layouts run:
+per-layer params (what `pdx.load_model` gives on CPU) and stacked params with stacked caches (the
+`lax.scan` path TPU and GPU take).
+"""
+
+import dataclasses
+
+import jax
+import pytest
+
+from pdx.decoding import compiled, registry
+from pdx.errors import UnsupportedError
+from pdx.model import Model
+from pdx.models import mamba2, protocol, sambay
+from pdx.models import transformer as tf
+
+NEW = 10
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11], [3, 4, 3, 4, 3, 4, 3, 4, 9]]  # a ragged (padded) batch
+
+
+def _transformer(mask_token_id=None, logit_shift=0, seed=0):
+    cfg = dataclasses.replace(tf.SMOLLM2_135M, vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                              num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(2,), pad_token_id=0,
+                              mask_token_id=mask_token_id, logit_shift=logit_shift)
+    return cfg, tf.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), tf
+
+
+def _mamba2(seed=0):
+    cfg = mamba2.Config(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, head_dim=8, state_size=8,
+                        n_groups=2, chunk_size=4, eos_token_ids=(2,), tie_embeddings=False)
+    return cfg, mamba2.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), mamba2
+
+
+def _sambay(seed=0):
+    cfg = dataclasses.replace(sambay.TINY, vocab_size=64, eos_token_ids=(2,))
+    return cfg, sambay.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), sambay
+
+
+# name -> (builder of (cfg, stacked params, family), kind of reference decoding)
+FAMILIES = {
+    "transformer": (_transformer, "ar"),
+    "mamba2": (_mamba2, "ar"),
+    "sambay": (_sambay, "ar"),
+    "llada-dllm": (lambda seed=0: _transformer(mask_token_id=63, seed=seed), "dllm"),
+    "dream-dllm": (lambda seed=0: _transformer(mask_token_id=63, logit_shift=1, seed=seed), "dllm"),
+}
+LAYOUTS = ("per_layer", "stacked")
+
+
+def build(name: str, layout: str, seed: int = 0) -> Model:
+    cfg, params, family = FAMILIES[name][0](seed=seed)
+    params = family.unstack_layers(params) if layout == "per_layer" else params
+    return Model(cfg=cfg, params=params, tokenizer=None, family=family)
+
+
+def draft_for(name: str, layout: str) -> Model:
+    """A second, differently seeded model of the same family (the draft for spec-draft)."""
+    return build(name, layout, seed=7)
+
+
+# Options under which each strategy's greedy output must equal the family's reference decoding
+# (a function of the family name and layout, so draft models can be built). Every strategy needs one.
+EXACT = {
+    "ar": lambda f, lay: {},
+    "spec-pld": lambda f, lay: {"k": 3},
+    "spec-draft": lambda f, lay: {"k": 3, "draft": draft_for(f, lay)},
+    "spec-layerskip": lambda f, lay: {"k": 3, "skip": [1]},
+    "spec-aded": lambda f, lay: {"k": 3},
+    "spec-tree": lambda f, lay: {"tree": [2, 2], "skip": [1]},
+    "lookahead": lambda f, lay: {"window": 3, "ngram_size": 3, "guesses": 2},
+    "llada": lambda f, lay: {"block_size": 5},
+    "fast-dllm": lambda f, lay: {"block_size": 5, "threshold": 1.0, "cache": "none"},
+}
+
+# The support matrix as declared today: a change in a family's capabilities must show up here too.
+UNSUPPORTED = {
+    ("mamba2", "spec-tree"), ("mamba2", "lookahead"),
+    ("sambay", "spec-layerskip"), ("sambay", "spec-tree"), ("sambay", "lookahead"),
+} | {(f, s) for f in ("transformer", "mamba2", "sambay") for s in ("llada", "fast-dllm")} \
+  | {(f, s) for f in ("llada-dllm", "dream-dllm") for s in registry.STRATEGIES if s not in ("llada", "fast-dllm")}
+
+PAIRS = [(f, s) for f in FAMILIES for s in registry.STRATEGIES]
+
+
+def test_every_strategy_declares_exact_options():
+    assert set(EXACT) == set(registry.STRATEGIES)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_families_implement_the_protocol(name):
+    family = FAMILIES[name][0]()[2]
+    assert protocol.conforms(family) == []
+
+
+_REFERENCE = {}
+
+
+def reference(name: str, layout: str, prompts) -> list[list[int]]:
+    """The family's reference greedy decoding of each prompt (cached per family, layout and prompts)."""
+    key = (name, layout, str(prompts))
+    if key not in _REFERENCE:
+        model = build(name, layout)
+        if FAMILIES[name][1] == "ar":
+            out = registry.get("ar")(model, prompts, max_new_tokens=NEW, stop_token_ids=[])
+        else:  # LLaDA with one token per step and no cache: the dLLM's baseline decoding
+            out = registry.get("llada")(model, prompts, max_new_tokens=NEW, block_size=5, steps=NEW)
+        _REFERENCE[key] = [out.row(i) for i in range(len(prompts))]
+    return _REFERENCE[key]
+
+
+def run(strategy: str, name: str, layout: str, prompts):
+    model = build(name, layout)
+    options = EXACT[strategy](name, layout) | {"max_new_tokens": NEW}
+    if FAMILIES[name][1] == "ar":
+        options["stop_token_ids"] = []
+    return registry.get(strategy)(model, prompts, **options)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name, strategy", PAIRS)
+def test_identical_to_reference_or_unsupported(name, strategy, layout):
+    if (name, strategy) in UNSUPPORTED:
+        before = sum(compiled._COUNTS.values())
+        with pytest.raises(UnsupportedError, match=f"strategy '{strategy}' does not run on"):
+            run(strategy, name, layout, PROMPTS)
+        assert sum(compiled._COUNTS.values()) == before  # refused at the API edge: nothing compiled
+        return
+    out = run(strategy, name, layout, PROMPTS)
+    assert [out.row(i) for i in range(len(PROMPTS))] == reference(name, layout, PROMPTS)
+
+
+@pytest.mark.parametrize("name, strategy", [p for p in PAIRS if p not in UNSUPPORTED])
+def test_row_alone_equals_row_in_padded_batch(name, strategy):
+    alone = run(strategy, name, "per_layer", PROMPTS[1:2])
+    assert alone.row(0) == reference(name, "per_layer", PROMPTS)[1]
