@@ -16,6 +16,17 @@ def smollm2():
     return pdx.load_model()
 
 
+@pytest.fixture(scope="session", params=["per_layer", pytest.param("stacked", marks=pytest.mark.slow)])
+def smollm2_any_layout(request, smollm2):
+    """SmolLM2 in each param layout: per-layer (what `load_model` gives on CPU) and stacked (`lax.scan`,
+    the path TPU and GPU take), so parity tests cover both; the stacked run is in the slow suite."""
+    from pdx.models import transformer as tf
+
+    if request.param == "per_layer":
+        return smollm2
+    return dataclasses.replace(smollm2, params=tf.stack_layers(smollm2.params))
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' own load of the same GGUF file (its GGUF converter dequantizes and un-permutes)."""

@@ -107,10 +107,11 @@ def _strategies():
 def test_every_strategy_rejects_bad_options_in_one_line(gguf_path, strategy, problem, capsys):
     """Checked against the strategy's schema before the model loads: exit 2, one line on stderr."""
     key, bad = _bounded_option(strategy)
+    dllm = strategy in ("llada", "fast-dllm")  # the dLLMs take no --top-p flag; the others take no block_size
     extra = {"unknown": ["--option", "no_such_option=1"],
              "mistyped": ["--option", f"{key}=abc"],
              "out_of_range": ["--option", f"{key}={json.dumps(bad)}"],
-             "flag": ["--top-p", "0.9"] if strategy in ("llada", "fast-dllm") else ["--option", "block_size=4"]}[problem]
+             "flag": ["--top-p", "0.9"] if dllm else ["--option", "block_size=4"]}[problem]
     assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", strategy, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pdx: error: ")

@@ -47,8 +47,8 @@ def _greedy_parity(smollm2, hf_smollm2, humaneval, tasks, chats):
     return result
 
 
-def test_greedy_matches_transformers_generate(smollm2, hf_smollm2, humaneval):
-    result = _greedy_parity(smollm2, hf_smollm2, humaneval, HUMANEVAL[:2], CHATS[:1])
+def test_greedy_matches_transformers_generate(smollm2_any_layout, hf_smollm2, humaneval):
+    result = _greedy_parity(smollm2_any_layout, hf_smollm2, humaneval, HUMANEVAL[:2], CHATS[:1])
     assert len(result.row(0)) == NEW and len(result.row(1)) == NEW
 
 
@@ -80,6 +80,20 @@ def test_one_compile_per_bucket(tiny_model):
     assert after == mid, "a different prompt, temperature, top-p/k, penalty, stops or seed recompiled"
     assert b.stats["compile_s"] == 0 and c.stats["compile_s"] == 0
     assert a.stats["forward_passes"] == a.stats["prefill_chunks"] + a.stats["decode_steps"]
+
+
+def test_attention_impl_is_part_of_the_compile_key(tiny_model):
+    """The kernels' path is read at trace time: a switch compiles anew (and retraces), the same path reuses."""
+    from pdx.kernels_pallas import use_impl
+
+    ref = ar.generate(tiny_model, [[5, 6, 7]], max_new_tokens=8)
+    count = compiled.compile_count(ar.decode)
+    with use_impl("reference"):
+        again = ar.generate(tiny_model, [[5, 6, 7]], max_new_tokens=8)
+        assert compiled.compile_count(ar.decode) == count + 1
+        ar.generate(tiny_model, [[5, 6, 7]], max_new_tokens=8)
+        assert compiled.compile_count(ar.decode) == count + 1
+    assert again.row(0) == ref.row(0)  # on CPU "auto" is the reference path: the same program
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):

@@ -49,7 +49,6 @@ FAMILIES = {
     "llada-dllm": (lambda seed=0: _transformer(mask_token_id=63, seed=seed), "dllm"),
     "dream-dllm": (lambda seed=0: _transformer(mask_token_id=63, logit_shift=1, seed=seed), "dllm"),
 }
-LAYOUTS = ("per_layer", "stacked")
 
 
 def build(name: str, layout: str, seed: int = 0) -> Model:
@@ -116,12 +115,16 @@ def reference(name: str, layout: str, prompts) -> list[list[int]]:
 def run(strategy: str, name: str, layout: str, prompts):
     model = build(name, layout)
     options = EXACT[strategy](name, layout) | {"max_new_tokens": NEW}
-    if FAMILIES[name][1] == "ar":
-        options["stop_token_ids"] = []
+    if "stop_token_ids" in registry.STRATEGIES[strategy].options:
+        options["stop_token_ids"] = []  # run every row to the end: more tokens compared
     return registry.get(strategy)(model, prompts, **options)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# The per-layer layout (CPU's) runs in the default suite, the stacked one (TPU/GPU's) with the slow tests.
+LAYOUT_PARAMS = [pytest.param("per_layer"), pytest.param("stacked", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("name, strategy", PAIRS)
 def test_identical_to_reference_or_unsupported(name, strategy, layout):
     if (name, strategy) in UNSUPPORTED:
@@ -134,6 +137,7 @@ def test_identical_to_reference_or_unsupported(name, strategy, layout):
     assert [out.row(i) for i in range(len(PROMPTS))] == reference(name, layout, PROMPTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, strategy", [p for p in PAIRS if p not in UNSUPPORTED])
 def test_row_alone_equals_row_in_padded_batch(name, strategy):
     alone = run(strategy, name, "per_layer", PROMPTS[1:2])

@@ -56,7 +56,7 @@ def positions_like(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
-fwd = jax.jit(sb.forward, static_argnames=("cfg", "mask_mode", "logits"))
+fwd = jax.jit(sb.forward, static_argnames=("cfg", "mask_mode", "logits", "trace"))
 
 
 def test_diff_attention_matches_reference():
@@ -236,3 +236,27 @@ def test_save_roundtrip(tiny, tmp_path):
     assert cfg2 == model.cfg
     for a, b in zip(jax.tree.leaves(sb.stack_layers(model.params)), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_rollback_to_any_prefix_equals_feeding_the_prefix(tiny):
+    """After a traced 5-token forward (window 3: the ring buffers wrap within it), `rollback` to n tokens
+    per row equals a forward over only those n tokens from the same cache: every buffer and the next logits."""
+    _, _, model = tiny
+    cfg, params = model.cfg, model.params
+    rng = np.random.default_rng(5)
+    prompt = jnp.asarray(rng.integers(0, 64, (2, 4)), jnp.int32)
+    draft = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
+    _, cache = fwd(params, cfg, prompt, positions_like(prompt), sb.init_cache(cfg, 2, 16))
+    _, after, trace = fwd(params, cfg, draft, 4 + positions_like(draft), cache, trace=True)
+    rollback = jax.jit(sb.rollback, static_argnums=1)
+    nxt = jnp.asarray([[7], [9]], jnp.int32)
+    for n in ([0, 5], [1, 3], [4, 2]):
+        keep = jnp.asarray(n)
+        got = rollback(params, cfg, cache, after, trace, keep)
+        _, want = fwd(params, cfg, draft, 4 + positions_like(draft), cache, valid=jnp.arange(5)[None] < keep[:, None])
+        assert got.lengths.tolist() == want.lengths.tolist() == [4 + k for k in n]
+        for name in ("conv", "ssm", "swa_k", "swa_v"):
+            np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), atol=1e-5)
+        step_got, _ = fwd(params, cfg, nxt, got.lengths[:, None], got)
+        step_want, _ = fwd(params, cfg, nxt, want.lengths[:, None], want)
+        np.testing.assert_allclose(np.asarray(step_got), np.asarray(step_want), atol=1e-5)

@@ -21,7 +21,9 @@ def forward_fn():
 
 
 @pytest.mark.parametrize("task_id", PROMPTS)
-def test_logits_and_greedy_continuation_match_transformers(smollm2, hf_smollm2, humaneval, forward_fn, task_id):
+def test_logits_and_greedy_continuation_match_transformers(smollm2_any_layout, hf_smollm2, humaneval, forward_fn,
+                                                           task_id):
+    smollm2 = smollm2_any_layout
     ids = smollm2.tokenizer.encode(humaneval[task_id]["prompt"])
     with torch.no_grad():
         out = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,

@@ -26,9 +26,10 @@ from jax import lax
 from pdx.decoding import ar, compiled
 from pdx.decoding.result import GenerationResult
 from pdx.decoding.sampling import SamplingParams
-from pdx.decoding.speculative import tree
+from pdx.decoding.speculative import drafters, tree
 from pdx.decoding.speculative.verify import verify_greedy, verify_sampling
 from pdx.errors import require
+from pdx.models import protocol
 
 
 @jax.tree_util.register_dataclass
@@ -188,6 +189,8 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
     kmax = drafter.k
     is_tree = hasattr(drafter, "tree")
     require(not (is_tree and adaptive), "adaptive draft length applies to chain drafters only (tree shapes are static)")
+    protocol.check(model.family, model.cfg, drafters.TREE_NEEDS if is_tree else protocol.Needs(),
+                   "tree verification" if is_tree else "speculative decoding")
     require(isinstance(kmax, int) and kmax >= 1, f"draft length K must be an int >= 1, got {kmax!r}")
     k0 = kmax if k_init is None else k_init
     require(1 <= k0 <= kmax, f"k_init must be in [1, K={kmax}], got {k0}")
