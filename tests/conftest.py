@@ -8,6 +8,21 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+MAX_MAPS = 30000  # of the kernel's 65530 per process: the suite compiled enough programs to abort XLA
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Tests share compiled programs; once their JIT code holds too many memory maps, drop them all."""
+    yield
+    if not os.path.exists("/proc/self/maps"):  # Linux only; elsewhere nothing to count
+        return
+    with open("/proc/self/maps") as f:
+        if sum(1 for _ in f) > MAX_MAPS:
+            from pdx.decoding import compiled
+
+            compiled.clear()
+
 
 @pytest.fixture(scope="session")
 def smollm2():

@@ -44,6 +44,13 @@ def run(fn, statics: dict, *args):
     return exe(*args), compile_s
 
 
+def clear() -> None:
+    """Drop every cached executable (and JAX's own caches): each holds JIT code mappings, and a process
+    that compiles thousands of programs (a test suite) runs out of memory maps (`vm.max_map_count`)."""
+    _EXECUTABLES.clear()
+    jax.clear_caches()
+
+
 def compile_count(fn) -> int:
     """How many programs have been compiled for `fn` so far in this process."""
     return _COUNTS[fn]

@@ -60,6 +60,7 @@ def test_greedy_matches_transformers_generate_10_prompts(smollm2, hf_smollm2, hu
     assert sum(len(result.row(i)) == NEW for i in range(10)) >= 8  # most rows ran the full 64
 
 
+@pytest.mark.slow  # the conformance matrix checks batch invariance of every strategy on tiny models (slow too)
 def test_batch_invariance(smollm2, humaneval):
     prompts = [smollm2.tokenizer.encode(humaneval[t]["prompt"]) for t in HUMANEVAL[:4]]
     batched = ar.generate(smollm2, prompts, max_new_tokens=24)

@@ -24,20 +24,20 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11], [3, 4, 3, 4, 3, 4, 3, 4, 9]]  # a
 
 
 def _transformer(mask_token_id=None, logit_shift=0, seed=0):
-    cfg = dataclasses.replace(tf.SMOLLM2_135M, vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+    cfg = dataclasses.replace(tf.SMOLLM2_135M, vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                               num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(2,), pad_token_id=0,
                               mask_token_id=mask_token_id, logit_shift=logit_shift)
     return cfg, tf.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), tf
 
 
 def _mamba2(seed=0):
-    cfg = mamba2.Config(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, head_dim=8, state_size=8,
+    cfg = mamba2.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, head_dim=8, state_size=8,
                         n_groups=2, chunk_size=4, eos_token_ids=(2,), tie_embeddings=False)
     return cfg, mamba2.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), mamba2
 
 
 def _sambay(seed=0):
-    cfg = dataclasses.replace(sambay.TINY, vocab_size=64, eos_token_ids=(2,))
+    cfg = dataclasses.replace(sambay.TINY, vocab_size=64, num_layers=4, eos_token_ids=(2,))
     return cfg, sambay.init_params(cfg, jax.random.PRNGKey(seed), scale=0.3), sambay
 
 

@@ -1,6 +1,7 @@
 """Drafters: each proposes up to K tokens per step behind one interface.
 
-A drafter is a frozen (hashable, static under jit) dataclass with
+A drafter is a frozen (hashable, static under jit) dataclass with `KIND` ("chain" or "tree"),
+`cfg` (the draft model's config, None for model-free drafters) and
     arrays(model)                          -> pytree of traced inputs (e.g. draft params)
     init(arrays, plan, prompt_buf, lens)   -> drafter state (inside the jitted prefill)
     propose(arrays, state, hist, pos, k, sampling, key)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,8 @@ class PromptLookup:
     k: int
     max_ngram: int = 3
     min_ngram: int = 1
+    KIND: ClassVar[str] = "chain"
+    cfg: ClassVar[None] = None
 
     def arrays(self, model):
         return ()
@@ -89,6 +93,7 @@ class DraftModel:
     cfg: object
     k: int
     params: object = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    KIND: ClassVar[str] = "chain"
 
     @property
     def keeps_kv(self) -> bool:
@@ -200,6 +205,7 @@ class TreeDraft:
 
     draft: DraftModel
     branches: tuple[int, ...]
+    KIND: ClassVar[str] = "tree"
 
     def __post_init__(self):
         tree.branching(self.branches)  # validates the shape

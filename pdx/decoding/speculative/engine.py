@@ -184,10 +184,10 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
 
     adaptive: grow the per-row draft budget on full acceptance and shrink it on a rejection
     (within the drafter's static K; changing it never recompiles). k_init: the starting budget.
-    A drafter with a `tree` attribute (`tree.Tree`) runs the tree loop (`tree_decode`); its K is the tree depth.
+    A drafter of `KIND` "tree" runs the tree loop (`tree_decode`) over its static `tree`; its K is the tree depth.
     """
     kmax = drafter.k
-    is_tree = hasattr(drafter, "tree")
+    is_tree = drafter.KIND == "tree"
     require(not (is_tree and adaptive), "adaptive draft length applies to chain drafters only (tree shapes are static)")
     protocol.check(model.family, model.cfg, drafters.TREE_NEEDS if is_tree else protocol.Needs(),
                    "tree verification" if is_tree else "speculative decoding")
@@ -195,7 +195,7 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
     k0 = kmax if k_init is None else k_init
     require(1 <= k0 <= kmax, f"k_init must be in [1, K={kmax}], got {k0}")
     require(options.get("repetition_penalty", 1.0) == 1.0, "speculative decoding does not support repetition_penalty")
-    draft_cfg = getattr(drafter, "cfg", None)
+    draft_cfg = drafter.cfg
     if draft_cfg is not None:
         require(draft_cfg.vocab_size == model.cfg.vocab_size,
                 f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs from the target's "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,8 @@ class NGramTable:
     slots: int = 4096
     max_votes: int = 4
     min_votes: int = 1
+    KIND: ClassVar[str] = "chain"
+    cfg: ClassVar[None] = None
 
     def __post_init__(self):
         if not (self.contexts and all(isinstance(c, int) and c >= 1 for c in self.contexts)):
@@ -155,6 +158,8 @@ class Lookahead:
     ngram: int = 4
     guesses: int = 5
     buckets: int = 4096
+    KIND: ClassVar[str] = "tree"
+    cfg: ClassVar[None] = None
 
     def __post_init__(self):
         for name, v, lo in (("window", self.window, 1), ("ngram", self.ngram, 2), ("guesses", self.guesses, 1)):
