@@ -58,17 +58,20 @@ def strategy_options(args) -> dict:
 
 
 def cmd_generate(args) -> None:
+    from pdx import settings
     from pdx.decoding import registry
     from pdx.model import load_model
 
     strategy = registry.get(args.strategy)
     sampling = strategy_options(args)
     texts = read_prompts(args)
-    model = load_model(args.model, dtype=args.dtype)
+    if not args.no_cache:
+        settings.enable_compilation_cache()  # a second run of the same shape bucket compiles nothing
+    model = load_model(args.model, dtype=args.dtype, cache=False if args.no_cache else None)
     schema = registry.STRATEGIES[args.strategy].options
     for name, value in sampling.items():  # model-valued options name a path: the CLI loads it
         if schema[name].kind == "model" and isinstance(value, str):
-            sampling[name] = load_model(value, dtype=args.dtype)
+            sampling[name] = load_model(value, dtype=args.dtype, cache=False if args.no_cache else None)
     tok = model.tokenizer
     if tok is None:
         raise InvalidInputError(f"{model.source} has no tokenizer; pdx generate needs one to read text prompts")
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="ar", help="decoding strategy (`pdx strategies` lists them)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option (repeatable)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight storage")
+    g.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the converted-weights and compiled-program caches (PDX_CACHE_DIR)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("strategies", help="list decoding strategies")

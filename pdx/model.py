@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import os
 import types
+import warnings
 
 from pdx.errors import InvalidInputError, ModelLoadError
 
@@ -41,22 +42,49 @@ def default_model_path() -> str:
     )
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") -> Model:
+def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", cache: bool | None = None) -> Model:
     """Load a GGUF file, an HF checkpoint directory (Llama family, LLaDA, Dream, Mamba-2, SambaY) or a tiny
     dLLM checkpoint written by `pdx.io.orbax_checkpoint` (default: SmolLM2-135M-Instruct).
 
     dtype: weight storage, "float32", "bfloat16" or "int8" (weight-only, per-channel scales; families
     that declare `int8_weights`). Every checkpoint kind gets the same treatment: on CPU the layers come
     unstacked (per-layer arrays, see `transformer.unstack_layers`), elsewhere stacked for `lax.scan`.
+    cache: read and write the converted-weights cache (`pdx.io.weights_cache`, under
+    `pdx.settings.cache_dir()`); None: unless `PDX_NO_CACHE` is set.
     """
     import jax
 
-    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, mamba2_checkpoint, orbax_checkpoint, tokenizer
-    from pdx.models import mamba2, sambay, transformer
+    from pdx import settings
+    from pdx.io import weights_cache
 
     if dtype not in _DTYPES:
         raise InvalidInputError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     path = default_model_path() if path is None else os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
+    root = settings.cache_dir() if cache is None or cache else None
+    backend = jax.default_backend()
+    entry = weights_cache.key(path, dtype, backend) if root else None
+    hit = weights_cache.load(root, entry) if root else None
+    if hit is not None:
+        family, cfg, params, tok = hit
+        return Model(cfg=cfg, params=params, tokenizer=tok, family=family, source=path)
+    family, cfg, params, tok = _convert(path)
+    params = prepare_params(family, cfg, params, dtype, backend)
+    if root:
+        try:
+            weights_cache.store(root, entry, family, cfg, params, tok)
+            weights_cache.evict(root, settings.cache_max_bytes(), keep=entry)
+        except OSError as e:  # a full or read-only disk costs the next start its speed, not this load
+            warnings.warn(f"pdx: could not write the weights cache under {root}: {e}", stacklevel=2)
+    return Model(cfg=cfg, params=params, tokenizer=tok, family=family, source=path)
+
+
+def _convert(path: str):
+    """(family, config, params as loaded, tokenizer or None) of the checkpoint at `path`."""
+    from pdx.io import dllm_hf, gguf_file, hf_checkpoint, mamba2_checkpoint, orbax_checkpoint, tokenizer
+    from pdx.models import mamba2, sambay, transformer
+
     family, tok = transformer, None
     if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
         cfg, params, _ = orbax_checkpoint.load_dllm(path)
@@ -74,13 +102,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32") ->
         else:
             cfg, params = hf_checkpoint.load_hf_dir(path)
         tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
-    elif os.path.isfile(path):
+    else:
         cfg, params, reader = gguf_file.load_gguf(path)
         tok = tokenizer.from_gguf(reader)
-    else:
-        raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
-    return Model(cfg=cfg, params=prepare_params(family, cfg, params, dtype, jax.default_backend()), tokenizer=tok,
-                 family=family, source=path)
+    return family, cfg, params, tok
 
 
 def prepare_params(family, cfg, params: dict, dtype: str, backend: str) -> dict:

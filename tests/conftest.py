@@ -7,6 +7,8 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests write no caches under the user's home; the cache tests point PDX_CACHE_DIR at a temporary folder.
+os.environ.setdefault("PDX_NO_CACHE", "1")
 
 MAX_MAPS = 30000  # of the kernel's 65530 per process: the suite compiled enough programs to abort XLA
 

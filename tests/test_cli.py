@@ -125,3 +125,27 @@ def test_unsupported_pair_is_one_line(gguf_path, capsys):
     assert cli.main(["generate", "--model", gguf_path, "--prompt", "AB", "--strategy", "llada"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not run on" in err and "masked-diffusion" in err
+
+
+def test_second_run_reads_both_caches(gguf_path, tmp_path):
+    """`pdx generate` in fresh processes: the first writes converted weights and compiled programs; the
+    second reads the weights (its few eager array ops differ from the converter's, so they compile once);
+    the third adds nothing: every compile was a cache hit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PDX_NO_CACHE"} | {"PDX_CACHE_DIR": str(tmp_path)}
+    argv = [sys.executable, "-m", "pdx.cli", "generate", "--model", gguf_path, "--prompt", "ABC",
+            "--max-new-tokens", "4", "--format", "json"]
+    outs, counts = [], []
+    for _ in range(3):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outs.append(json.loads(done.stdout)["token_ids"])
+        counts.append((len(os.listdir(tmp_path / "weights")), len(os.listdir(tmp_path / "xla"))))
+    assert outs[0] == outs[1] == outs[2]
+    assert [c[0] for c in counts] == [1, 1, 1] and counts[0][1] >= 2 and counts[2][1] == counts[1][1]
+    no_cache = subprocess.run(argv + ["--no-cache"], env=env | {"PDX_CACHE_DIR": str(tmp_path / "unused")},
+                              capture_output=True, text=True, timeout=300)
+    assert no_cache.returncode == 0 and not (tmp_path / "unused").exists()

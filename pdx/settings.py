@@ -1,0 +1,51 @@
+"""Process-wide settings read from the environment: where pdx keeps its caches, and whether it may.
+
+    PDX_CACHE_DIR   cache root (default `$XDG_CACHE_HOME/pdx`, else `~/.cache/pdx`): converted weights
+                    under `weights/`, XLA's compiled programs under `xla/`
+    PDX_NO_CACHE    1 / true / yes: use neither cache (the CLI's `--no-cache` does the same)
+    PDX_CACHE_MAX_GB  converted weights kept (default 8): least recently used entries go first
+"""
+
+from __future__ import annotations
+
+import os
+
+from pdx.errors import InvalidInputError
+
+
+def cache_enabled() -> bool:
+    return os.environ.get("PDX_NO_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> str | None:
+    """The cache root, or None when caching is off."""
+    if not cache_enabled():
+        return None
+    root = os.environ.get("PDX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pdx")
+    return os.path.abspath(root)
+
+
+def cache_max_bytes() -> int:
+    text = os.environ.get("PDX_CACHE_MAX_GB", "8")
+    try:
+        gb = float(text)
+    except ValueError:
+        raise InvalidInputError(f"PDX_CACHE_MAX_GB must be a number of GB, got {text!r}") from None
+    return int(gb * (1 << 30))
+
+
+def enable_compilation_cache(root: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at `<root>/xla` (default root: `cache_dir()`), so a later
+    process compiling the same program reads it instead; returns the directory (None: caching is off)."""
+    import jax
+
+    root = cache_dir() if root is None else root
+    if root is None:
+        return None
+    path = os.path.join(root, "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
