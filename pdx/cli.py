@@ -25,15 +25,15 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def read_prompts(args) -> list[str]:
+    """`--prompt` texts, then `--prompt-file`: a `.jsonl` file holds one prompt per non-blank line, as a
+    JSON string or an object with a string "prompt"; any other file is one prompt."""
     prompts = list(args.prompt or [])
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise InvalidInputError(f"prompt file not found: {args.prompt_file}")
         with open(args.prompt_file) as f:
             if args.prompt_file.endswith(".jsonl"):
-                for line in filter(str.strip, f):
-                    item = json.loads(line)
-                    prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
+                prompts += [_jsonl_prompt(args.prompt_file, n, line) for n, line in enumerate(f, 1) if line.strip()]
             else:
                 prompts.append(f.read())
     if not prompts:
@@ -55,6 +55,20 @@ def strategy_options(args) -> dict:
     registry.validate(args.strategy, {k: v for k, v in options.items()
                                       if not (k in schema and schema[k].kind == "model" and isinstance(v, str))})
     return options
+
+
+def _jsonl_prompt(path: str, lineno: int, line: str) -> str:
+    where = f"{path}:{lineno}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{where}: not valid JSON ({e.msg}); each line is a JSON string or "
+                                '{"prompt": "..."}') from None
+    prompt = item.get("prompt") if isinstance(item, dict) else item
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f'{where}: expected a JSON string or an object with a string "prompt", '
+                                f"got {line.strip()[:60]}")
+    return prompt
 
 
 def cmd_generate(args) -> None:
@@ -127,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    g.add_argument("--prompt-file", help="a text file (one prompt) or .jsonl (one prompt per line)")
+    g.add_argument("--prompt-file", help='a text file (one prompt) or .jsonl: one prompt per line, a JSON string '
+                   'or {"prompt": "..."}')
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)

@@ -149,3 +149,23 @@ def test_second_run_reads_both_caches(gguf_path, tmp_path):
     no_cache = subprocess.run(argv + ["--no-cache"], env=env | {"PDX_CACHE_DIR": str(tmp_path / "unused")},
                               capture_output=True, text=True, timeout=300)
     assert no_cache.returncode == 0 and not (tmp_path / "unused").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "AB"', "p.jsonl:2: not valid JSON"),
+    ('{"text": "AB"}', 'p.jsonl:2: expected a JSON string or an object with a string "prompt"'),
+    ('{"prompt": 3}', 'p.jsonl:2: expected a JSON string'),
+])
+def test_bad_jsonl_line_is_one_line_exit_2(gguf_path, tmp_path, capsys, line, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(f'"fine"\n{line}\n')
+    assert cli.main(["generate", "--model", gguf_path, "--prompt-file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_unknown_model_type_names_every_family(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("'gpt_bigcode'", "mamba2", "phi4flash", "llada", "Dream", "GGUF"))

@@ -55,7 +55,9 @@ def _windows(hf: dict, layers: int) -> tuple[int, ...] | None:
 def config_from_hf(hf: dict) -> Config:
     model_type = hf.get("model_type")
     if model_type not in _LLAMA_TYPES:
-        raise UnsupportedError(f"model_type {model_type!r} is not a supported Llama-family type {_LLAMA_TYPES}")
+        raise UnsupportedError(
+            f"model_type {model_type!r} is not supported; pdx loads Llama-family types {_LLAMA_TYPES}, "
+            "'mamba2', 'phi4flash' (SambaY), 'llada' and 'Dream' directories, GGUF files and pdx's own tiny dLLMs")
     try:
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])

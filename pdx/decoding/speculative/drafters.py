@@ -186,7 +186,9 @@ def calibrate_layer_skip(model, prompts: list[list[int]], num_skip: int) -> list
         return float((np.asarray(forward(draft.params, draft.cfg)) == reference)[mask].mean())
 
     skipped: list[int] = []
-    for _ in range(num_skip):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(num_skip), desc="layer-skip search (layers chosen)", disable=num_skip == 0):
         scores = {i: agreement(skipped + [i]) for i in range(n) if i not in skipped}
         skipped.append(max(scores, key=lambda i: (scores[i], -i)))
     return sorted(skipped)
