@@ -120,18 +120,31 @@ def cmd_strategies(args) -> None:
         print(f"{name:16s} {registry.describe(name)}")
 
 
+_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def _available(kind: str) -> list[str]:
+    """NAMEs of the source tree's `scripts/{kind}_NAME.py` (none in an install without the source tree)."""
+    if not os.path.isdir(_SCRIPTS):
+        return []
+    return sorted(f[len(kind) + 1 : -3] for f in os.listdir(_SCRIPTS) if f.startswith(kind + "_") and f.endswith(".py"))
+
+
 def _run_script(kind: str, name: str, argv: list[str]) -> None:
     """`pdx bench NAME` / `pdx eval NAME` run `scripts/{kind}_{NAME}.py` of the source tree."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "scripts", f"{kind}_{name}.py")
+    path = os.path.join(_SCRIPTS, f"{kind}_{name}.py")
     if not os.path.isfile(path):
-        available = sorted(f[len(kind) + 1 : -3] for f in os.listdir(os.path.join(root, "scripts"))
-                           if f.startswith(kind + "_")) if os.path.isdir(os.path.join(root, "scripts")) else []
-        raise InvalidInputError(f"no {kind} named {name!r} (looked for {path}); available: {available}")
+        raise InvalidInputError(f"no {kind} named {name!r} (looked for {path}); available: {_available(kind)}"
+                                + ("" if os.path.isdir(_SCRIPTS) else "; benchmarks and evaluations run from a "
+                                   "source checkout (pip install -e .)"))
     spec = importlib.util.spec_from_file_location(f"pdx_{kind}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(argv)
+    prog, sys.argv[0] = sys.argv[0], f"pdx {kind} {name}"  # the script's argparse names itself after argv[0]
+    try:
+        module.main(argv)
+    finally:
+        sys.argv[0] = prog
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for kind, about in (("bench", "run a benchmark (scripts/bench_NAME.py)"),
                         ("eval", "run an evaluation (scripts/eval_NAME.py)")):
-        p = sub.add_parser(kind, help=about)
-        p.add_argument("name")
+        p = sub.add_parser(kind, help=about, description=f"{about}; available: {', '.join(_available(kind))}")
+        p.add_argument("name", help=f"one of: {', '.join(_available(kind))}")
         p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
         p.set_defaults(func=lambda a, kind=kind: _run_script(kind, a.name, a.args))
     return parser

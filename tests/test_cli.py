@@ -169,3 +169,12 @@ def test_unknown_model_type_names_every_family(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert all(name in err for name in ("'gpt_bigcode'", "mamba2", "phi4flash", "llada", "Dream", "GGUF"))
+
+
+def test_bench_help_lists_benchmarks_and_scripts_name_themselves(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "ar, attention" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "commits", "--help"])
+    assert capsys.readouterr().out.startswith("usage: pdx bench commits")
