@@ -101,10 +101,11 @@ def _convert(path: str):
             cfg, params = dllm_hf.load(path)
         else:
             cfg, params = hf_checkpoint.load_hf_dir(path)
-        tok = tokenizer.from_hf_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     else:
         cfg, params, reader = gguf_file.load_gguf(path)
         tok = tokenizer.from_gguf(reader)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):  # any checkpoint directory may ship one
+        tok = tokenizer.from_hf_dir(path)
     return family, cfg, params, tok
 
 

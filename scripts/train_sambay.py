@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="checkpoints")
     args = parser.parse_args(argv)
 
-    from pdx.io import orbax_checkpoint, sambay_checkpoint
+    from pdx.io import orbax_checkpoint, sambay_checkpoint, tokenizer
 
     train, val = corpus()
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(30, args.steps // 2), args.steps, args.lr / 10)
@@ -156,6 +156,8 @@ def main(argv=None):
     tp = state["transformer"]
     orbax_checkpoint.save(os.path.join(args.ckpt, "transformer_tiny"), tp["params"], TRANSFORMER,
                           meta | {"final_val_loss": tp["val"][-1][1]})
+    for name, cfg in (("sambay_tiny", SAMBAY), ("transformer_tiny", TRANSFORMER)):  # byte-level: id = byte
+        tokenizer.save_byte_level(os.path.join(args.ckpt, name), cfg.eos_token_ids)
     for name, s in state.items():
         print(f"{name}: {s['n_params']} params, train loss {np.mean(s['train'][:10]):.3f} -> "
               f"{np.mean(s['train'][-10:]):.3f}, validation {s['val'][0][1]:.3f} -> {s['val'][-1][1]:.3f}, "

@@ -139,6 +139,45 @@ def from_gguf(reader) -> Tokenizer:
     )
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what a byte-level BPE vocabulary is written in)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_level(eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    """The tokenizer of byte-level models (pdx's tiny SambaY and transformer): id = UTF-8 byte value."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend=backend, eos_token_ids=tuple(eos_token_ids))
+
+
+def save_byte_level(directory: str | os.PathLike, eos_token_ids: tuple[int, ...] = ()) -> None:
+    """Write `byte_level()`'s `tokenizer.json` and a `tokenizer_config.json` naming the EOS byte into a
+    checkpoint directory (each file replaced atomically), so `pdx.load_model(directory)` has a tokenizer."""
+    tok = byte_level(eos_token_ids)
+    files = {"tokenizer.json": tok.backend.to_str()}
+    if eos_token_ids:
+        files["tokenizer_config.json"] = json.dumps({"eos_token": tok.token_text(eos_token_ids[0])})
+    for name, text in files.items():
+        path = os.path.join(os.fspath(directory), name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
 def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
     """Tokenizer from an HF directory's `tokenizer.json` (+ `tokenizer_config.json` for template/BOS)."""
     from tokenizers import Tokenizer as HFTokenizer

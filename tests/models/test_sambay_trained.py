@@ -29,3 +29,27 @@ def test_shipped_checkpoint_learned_and_generates(humaneval, name, family):
     assert loss < 3.0, f"{name}: held-out loss {loss:.2f} nats"
     out = ar.generate(model, [list(b"def add(a, b):\n")], max_new_tokens=16)
     assert out.tokens.shape == (1, 16) and 0 <= out.tokens.min() and out.tokens.max() < 256
+
+
+def test_byte_level_tokenizer_is_the_identity_on_bytes():
+    from pdx.io import tokenizer
+
+    tok = tokenizer.byte_level((0,))
+    text = "def add(a, b):\n\treturn a + b  # ∑ é 12"
+    assert tok.encode(text) == list(text.encode()) and tok.decode(list(text.encode())) == text
+    assert tok.vocab_size == 256
+
+
+@pytest.mark.parametrize("name", ["sambay_tiny", "transformer_tiny"])
+def test_shipped_byte_level_checkpoints_generate_from_the_cli(name, capsys):
+    """They ship a byte tokenizer: `pdx generate --model checkpoints/NAME` reads text and writes text."""
+    import json
+
+    from pdx import cli
+
+    path = os.path.join(ROOT, name)
+    assert pdx.load_model(path).tokenizer.eos_token_ids == (0,)
+    assert cli.main(["generate", "--model", path, "--prompt", "def add(a, b):", "--max-new-tokens", "8",
+                     "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] and all(0 <= t < 256 for t in out["token_ids"])
