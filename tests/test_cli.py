@@ -178,3 +178,15 @@ def test_bench_help_lists_benchmarks_and_scripts_name_themselves(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "commits", "--help"])
     assert capsys.readouterr().out.startswith("usage: pdx bench commits")
+
+
+def test_schema_refuses_what_was_silently_accepted():
+    """`adaptive=yes` was taken as truthy; a speculative strategy's unknown option listed only AR's options."""
+    from pdx.decoding import registry
+    from pdx.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="option 'adaptive' must be true or false"):
+        registry.validate("spec-pld", {"adaptive": "yes"})
+    with pytest.raises(InvalidInputError, match="max_ngram") as e:
+        registry.validate("spec-pld", {"window": 3})
+    assert "temperature" in str(e.value) and "k," in str(e.value)
