@@ -127,6 +127,7 @@ def test_unsupported_pair_is_one_line(gguf_path, capsys):
     assert err.count("\n") == 1 and "does not run on" in err and "masked-diffusion" in err
 
 
+@pytest.mark.slow  # three fresh processes, each importing jax and compiling
 def test_second_run_reads_both_caches(gguf_path, tmp_path):
     """`pdx generate` in fresh processes: the first writes converted weights and compiled programs; the
     second reads the weights (its few eager array ops differ from the converter's, so they compile once);

@@ -40,7 +40,7 @@ def test_byte_level_tokenizer_is_the_identity_on_bytes():
     assert tok.vocab_size == 256
 
 
-@pytest.mark.parametrize("name", ["sambay_tiny", "transformer_tiny"])
+@pytest.mark.parametrize("name", ["sambay_tiny", pytest.param("transformer_tiny", marks=pytest.mark.slow)])
 def test_shipped_byte_level_checkpoints_generate_from_the_cli(name, capsys):
     """They ship a byte tokenizer: `pdx generate --model checkpoints/NAME` reads text and writes text."""
     import json
