@@ -51,10 +51,16 @@ def strategy_options(args) -> dict:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     options |= dict(_parse_option(o) for o in args.option or [])
-    schema = registry.STRATEGIES[args.strategy].options
-    registry.validate(args.strategy, {k: v for k, v in options.items()
-                                      if not (k in schema and schema[k].kind == "model" and isinstance(v, str))})
+    registry.validate(args.strategy, {k: v for k, v in options.items() if not _model_path(args.strategy, k, v)})
     return options
+
+
+def _model_path(strategy: str, name: str, value) -> bool:
+    """Is `value` a path given to a model-valued option (which the CLI loads itself)?"""
+    from pdx.decoding import registry
+
+    option = registry.STRATEGIES[strategy].options.get(name)
+    return option is not None and option.kind == "model" and isinstance(value, str)
 
 
 def _jsonl_prompt(path: str, lineno: int, line: str) -> str:
@@ -79,13 +85,13 @@ def cmd_generate(args) -> None:
     strategy = registry.get(args.strategy)
     sampling = strategy_options(args)
     texts = read_prompts(args)
+    cache = False if args.no_cache else None  # None: the settings decide (PDX_NO_CACHE)
     if not args.no_cache:
         settings.enable_compilation_cache()  # a second run of the same shape bucket compiles nothing
-    model = load_model(args.model, dtype=args.dtype, cache=False if args.no_cache else None)
-    schema = registry.STRATEGIES[args.strategy].options
-    for name, value in sampling.items():  # model-valued options name a path: the CLI loads it
-        if schema[name].kind == "model" and isinstance(value, str):
-            sampling[name] = load_model(value, dtype=args.dtype, cache=False if args.no_cache else None)
+    model = load_model(args.model, dtype=args.dtype, cache=cache)
+    for name, value in sampling.items():
+        if _model_path(args.strategy, name, value):
+            sampling[name] = load_model(value, dtype=args.dtype, cache=cache)
     tok = model.tokenizer
     if tok is None:
         raise InvalidInputError(f"{model.source} has no tokenizer; pdx generate needs one to read text prompts")

@@ -241,8 +241,7 @@ def stream(model, prompt: list[int], *, steps_per_chunk: int = 8, **options) -> 
     per-token path stays on device; only the new tokens cross to the host between chunks.
     """
     require(steps_per_chunk >= 1, f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
-    registry.validate("ar", options)
-    protocol.check(model.family, model.cfg, registry.STRATEGIES["ar"].needs(options), "ar")
+    registry.check("ar", model, options)
     require(model.tokenizer is not None, "streaming text needs a model with a tokenizer")
     req = make_request(model, [prompt], options)
     plan, sampling, stops = req.plan, req.sampling, req.stop_ids

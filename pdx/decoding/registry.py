@@ -172,6 +172,13 @@ def validate(name: str, options: dict) -> None:
         spec.options[key].check(name, key, value)
 
 
+def check(name: str, model, options: dict, defaults: dict | None = None) -> None:
+    """The API-edge checks of strategy `name`: `options` against its schema, then its needs (from the
+    options over the function's `defaults`) against the model's family."""
+    validate(name, options)
+    protocol.check(model.family, model.cfg, STRATEGIES[name].needs((defaults or {}) | options), name)
+
+
 def strategy(name: str):
     """Decorate the function registered as `name`: validate options, check the model's family, then run."""
 
@@ -181,8 +188,7 @@ def strategy(name: str):
 
         @functools.wraps(fn)
         def run(model, prompts, **options):
-            validate(name, options)
-            protocol.check(model.family, model.cfg, STRATEGIES[name].needs(defaults | options), name)
+            check(name, model, options, defaults)
             return fn(model, prompts, **options)
 
         run.strategy = name
