@@ -126,23 +126,24 @@ def cmd_strategies(args) -> None:
         print(f"{name:16s} {registry.describe(name)}")
 
 
-_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+def _scripts_dir() -> str:
+    """Where `scripts/` lives: the source tree's in an editable install, site-packages' `pdx/scripts` otherwise."""
+    import pdx.scripts
+
+    return os.path.dirname(os.path.abspath(pdx.scripts.__file__))
 
 
 def _available(kind: str) -> list[str]:
-    """NAMEs of the source tree's `scripts/{kind}_NAME.py` (none in an install without the source tree)."""
-    if not os.path.isdir(_SCRIPTS):
-        return []
-    return sorted(f[len(kind) + 1 : -3] for f in os.listdir(_SCRIPTS) if f.startswith(kind + "_") and f.endswith(".py"))
+    """NAMEs of the shipped `scripts/{kind}_NAME.py`."""
+    files = os.listdir(_scripts_dir())
+    return sorted(f[len(kind) + 1 : -3] for f in files if f.startswith(kind + "_") and f.endswith(".py"))
 
 
 def _run_script(kind: str, name: str, argv: list[str]) -> None:
-    """`pdx bench NAME` / `pdx eval NAME` run `scripts/{kind}_{NAME}.py` of the source tree."""
-    path = os.path.join(_SCRIPTS, f"{kind}_{name}.py")
+    """`pdx bench NAME` / `pdx eval NAME` run the shipped `scripts/{kind}_{NAME}.py`."""
+    path = os.path.join(_scripts_dir(), f"{kind}_{name}.py")
     if not os.path.isfile(path):
-        raise InvalidInputError(f"no {kind} named {name!r} (looked for {path}); available: {_available(kind)}"
-                                + ("" if os.path.isdir(_SCRIPTS) else "; benchmarks and evaluations run from a "
-                                   "source checkout (pip install -e .)"))
+        raise InvalidInputError(f"no {kind} named {name!r}; available: {', '.join(_available(kind))}")
     spec = importlib.util.spec_from_file_location(f"pdx_{kind}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,16 +1,24 @@
-"""Autoregressive decoding speed: pdx vs HF transformers on SmolLM2-135M-Instruct, same run.
+"""Autoregressive decoding speed: pdx vs HF transformers (and llama.cpp where installed) on
+SmolLM2-135M-Instruct, all in one run.
 
-Greedy, HumanEval prompts, 128 new tokens (no early stop on either side), batch 1/4/16, pdx in
+Greedy, HumanEval prompts, 128 new tokens (no early stop on any side), batch 1/4/16, pdx in
 fp32 / int8 / bf16 weights. Reports decode and prefill tok/s, compile time apart, the pdx/HF
 ratio, and the fraction of the memory-bandwidth roofline (bytes read per decode step: all
 weights + the KV cache slots attended, over the bandwidth measured in this run).
-Writes bench/ar.{json,md,png}.   Usage: python scripts/bench_ar.py [--batches 1,4,16] ...
+
+Time to first token, end to end: a fresh process per run, from its start to the first generated
+text on its stdout: `pdx generate` cold (empty PDX_CACHE_DIR: convert + compile) and warm (the
+caches of the cold run), HF transformers and llama.cpp (`pip install llama-cpp-python`, optional)
+loading the same GGUF. Writes bench/ar.{json,md,png}.   Usage: python scripts/bench_ar.py [--batches 1,4,16] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 from tqdm import tqdm
@@ -52,6 +60,25 @@ def bench_hf(prompts, batches, new_tokens):
     return rows
 
 
+def bench_llama_cpp(prompts, new_tokens):
+    """llama.cpp (llama-cpp-python) on the same Q4_1 GGUF, batch 1, greedy: prefill and decode tok/s."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=default_model_path(), n_ctx=2048, verbose=False)
+
+    def run(prompt, n):  # seconds to prefill `prompt` and emit `n` tokens; `generate` never stops at EOS
+        t0 = time.perf_counter()
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), 1):
+            if i == n:
+                return time.perf_counter() - t0
+
+    run(prompts[0], 4)  # warm-up
+    t_prefill = sum(run(p, 1) for p in prompts[:4])
+    t_total = sum(run(p, new_tokens) for p in prompts[:4])
+    return {1: {"decode_tok_s": 4 * (new_tokens - 1) / (t_total - t_prefill),
+                "prefill_tok_s": sum(len(p) for p in prompts[:4]) / t_prefill}}
+
+
 def bench_pdx(prompts, batches, new_tokens, dtype, bandwidth):
     model = load_model(dtype=dtype)
     weight_bytes = benchutil.tree_bytes(model.params)
@@ -71,6 +98,69 @@ def bench_pdx(prompts, batches, new_tokens, dtype, bandwidth):
                    "bytes_per_step_mb": step_bytes / 1e6, "roofline_tok_s": roofline,
                    "roofline_fraction": decode / roofline}
     return rows
+
+
+TTFT_PROMPT = "def fibonacci(n):"
+
+HF_FIRST_TOKEN = """
+import sys, os, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+kw = dict(gguf_file=os.path.basename(path))
+tok = AutoTokenizer.from_pretrained(os.path.dirname(path), **kw)
+model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32, **kw).eval()
+with torch.no_grad():
+    out = model.generate(**tok(sys.argv[2], return_tensors="pt"), max_new_tokens=1, do_sample=False)
+print(tok.decode(out[0, -1:]) or "?", flush=True)
+"""
+
+LLAMA_CPP_FIRST_TOKEN = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, verbose=False)
+for piece in llm(sys.argv[2], max_tokens=16, temperature=0.0, stream=True):
+    print(piece["choices"][0]["text"] or "?", flush=True)
+    break
+"""
+
+
+def first_output_s(cmd: list[str], env: dict | None = None) -> float:
+    """Seconds from starting `cmd` to the first byte on its stdout (printed when its first token is ready)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.read(1)
+    elapsed = time.perf_counter() - t0
+    proc.kill()
+    _, err = proc.communicate()
+    if not first:
+        raise RuntimeError(f"{cmd[:3]} printed nothing: {err.decode()[-400:]}")
+    return elapsed
+
+
+def has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def bench_ttft(rounds: int, with_hf: bool) -> dict:
+    """Cold and warm time to first token (s) of each engine, its fresh processes alternating."""
+    path = default_model_path()
+    pdx_cmd = [sys.executable, "-c", "import sys; from pdx.cli import main; sys.exit(main())", "generate",
+               "--prompt", TTFT_PROMPT, "--max-new-tokens", "16"]
+    engines = {"pdx": pdx_cmd}
+    if with_hf:
+        engines["transformers fp32"] = [sys.executable, "-c", HF_FIRST_TOKEN, path, TTFT_PROMPT]
+    if has_llama_cpp():
+        engines["llama.cpp Q4_1"] = [sys.executable, "-c", LLAMA_CPP_FIRST_TOKEN, path, TTFT_PROMPT]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = {**os.environ, "PDX_CACHE_DIR": cache_dir}
+        env.pop("PDX_NO_CACHE", None)
+        runs = {name: [] for name in engines}
+        for _ in tqdm(range(rounds + 1), desc="time to first token"):  # round 0 is each engine's cold start
+            for name, cmd in engines.items():
+                runs[name].append(first_output_s(cmd, env))
+    return {name: {"cold_s": t[0], "warm_s": min(t[1:]), "runs_s": t} for name, t in runs.items()}
 
 
 def plot(results, path):
@@ -99,6 +189,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float32,int8,bfloat16")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--ttft-rounds", type=int, default=3, help="warm time-to-first-token runs (0: skip)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -108,7 +199,10 @@ def main(argv=None):
     problems = read_problems()
     prompts = [tok.encode(problems[f"HumanEval/{i}"]["prompt"]) for i in range(16)]
     bandwidth = benchutil.memory_bandwidth_gbs()
+    ttft = bench_ttft(args.ttft_rounds, not args.skip_hf) if args.ttft_rounds else {}
     results = {}
+    if has_llama_cpp():
+        results["llama.cpp Q4_1"] = bench_llama_cpp(prompts, args.new_tokens)
     if not args.skip_hf:
         results["transformers fp32"] = bench_hf(prompts, batches, args.new_tokens)
     for dtype in args.dtypes.split(","):
@@ -125,8 +219,15 @@ def main(argv=None):
           " read per step).\n\n"
           + benchutil.markdown_table(["engine", "batch", "decode tok/s", "prefill tok/s", "compile s", "vs HF",
                                       "roofline frac"], table))
+    if ttft:
+        md += (f"\n## Time to first token, end to end ({TTFT_PROMPT!r}, fresh process, best of "
+               f"{args.ttft_rounds} warm runs)\n\n"
+               + benchutil.markdown_table(["engine", "cold s", "warm s"],
+                                          [[n, r["cold_s"], r["warm_s"]] for n, r in ttft.items()]))
+    md += f"\nLoad average at the end of the run: {os.getloadavg()[0]:.2f}.\n"
     benchutil.write_report(args.out, "ar", {"machine": benchutil.machine(), "bandwidth_gbs": bandwidth,
-                                            "new_tokens": args.new_tokens, "results": results}, md)
+                                            "new_tokens": args.new_tokens, "results": results, "ttft": ttft,
+                                            "loadavg": os.getloadavg()}, md)
     plot(results, os.path.join(args.out, "ar.png"))
     print(md)
 

@@ -19,13 +19,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import pdx  # noqa: E402
-from pdx.decoding.diffusion import fast_dllm, llada  # noqa: E402
-from pdx.train import tasks  # noqa: E402
+import pdx
+from pdx.decoding.diffusion import fast_dllm, llada
+from pdx.train import tasks
 
 BLOCK = 16
 

@@ -27,11 +27,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pdx.io import orbax_checkpoint as checkpoint  # noqa: E402
-from pdx.models import transformer  # noqa: E402
-from pdx.train import diffusion, tasks  # noqa: E402
+from pdx.io import orbax_checkpoint as checkpoint
+from pdx.models import transformer
+from pdx.train import diffusion, tasks
 
 TINY = transformer.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_layers=3,
                           num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=128,

@@ -191,3 +191,23 @@ def test_schema_refuses_what_was_silently_accepted():
     with pytest.raises(InvalidInputError, match="max_ngram") as e:
         registry.validate("spec-pld", {"window": 3})
     assert "temperature" in str(e.value) and "k," in str(e.value)
+
+
+@pytest.mark.slow
+def test_bench_runs_from_a_regular_install(tmp_path):
+    """A non-editable install ships scripts/ as pdx.scripts, so `pdx bench` finds its benchmarks there."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), root], check=True)
+    probe = ("import pdx.scripts, pdx.cli as c; print(pdx.scripts.__file__); print(','.join(c._available('bench')));"
+             "c.main(['bench', 'commits', '--help'])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    where, names, usage = out.stdout.split("\n", 2)
+    assert where.startswith(str(target)) and "ar" in names.split(",") and "commits" in names.split(",")
+    assert usage.startswith("usage: pdx bench commits")

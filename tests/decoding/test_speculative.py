@@ -13,6 +13,7 @@ from pdx.decoding.speculative import drafters, engine
 from pdx.errors import InvalidInputError
 from pdx.model import Model
 from pdx.models import transformer as tf
+from tests.decoding.smollm2_parity import assert_greedy_identical_to_ar
 from tests.decoding.test_ar import HUMANEVAL, _chi_square_ok
 
 
@@ -59,14 +60,9 @@ def test_greedy_identical_to_ar_smollm2_pld(smollm2, humaneval):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", ["pld", "layer_skip"])
-def test_greedy_identical_to_ar_smollm2_8_prompts(smollm2, humaneval, make):
-    prompts = [smollm2.tokenizer.encode(humaneval[t]["prompt"]) for t in HUMANEVAL]
+def test_greedy_identical_to_ar_smollm2_humaneval(smollm2, humaneval, make):
     drafter = drafters.PromptLookup(k=4) if make == "pld" else drafters.layer_skip(smollm2, list(range(8, 30, 2)), 4)
-    for batch in ([prompts[i]] for i in range(8)), [prompts[:4], prompts[4:]]:
-        for group in batch:
-            ref = ar.generate(smollm2, group, max_new_tokens=128)
-            out = engine.generate(smollm2, group, drafter=drafter, max_new_tokens=128)
-            assert [out.row(i) for i in range(len(group))] == [ref.row(i) for i in range(len(group))]
+    assert_greedy_identical_to_ar(smollm2, humaneval, drafter)
 
 
 def test_stop_tokens_and_lengths_match_ar(target):
