@@ -67,6 +67,7 @@ def bench_llama_cpp(prompts, new_tokens):
     llm = Llama(model_path=default_model_path(), n_ctx=2048, verbose=False)
 
     def run(prompt, n):  # seconds to prefill `prompt` and emit `n` tokens; `generate` never stops at EOS
+        llm.reset()  # forget the previous prompt: `generate` would reuse its matching prefix
         t0 = time.perf_counter()
         for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), 1):
             if i == n:
