@@ -64,7 +64,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", ca
         raise ModelLoadError(f"no model at {path}: expected a .gguf file or a directory with config.json")
     root = settings.cache_dir() if cache is None or cache else None
     backend = jax.default_backend()
-    entry = weights_cache.key(path, dtype, backend) if root else None
+    entry = weights_cache.key(path, dtype, backend, root) if root else None
     hit = weights_cache.load(root, entry) if root else None
     if hit is not None:
         family, cfg, params, tok = hit

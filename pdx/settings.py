@@ -1,9 +1,9 @@
 """Process-wide settings read from the environment: where pdx keeps its caches, and whether it may.
 
     PDX_CACHE_DIR   cache root (default `$XDG_CACHE_HOME/pdx`, else `~/.cache/pdx`): converted weights
-                    under `weights/`, XLA's compiled programs under `xla/`
+                    under `weights/`, compiled programs under `exe/` (pdx's executables) and `xla/` (JAX's)
     PDX_NO_CACHE    1 / true / yes: use neither cache (the CLI's `--no-cache` does the same)
-    PDX_CACHE_MAX_GB  converted weights kept (default 8): least recently used entries go first
+    PDX_CACHE_MAX_GB  converted weights, and executables, kept (default 8 each): least recently used go first
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def cache_max_bytes() -> int:
 
 
 def enable_compilation_cache(root: str | None = None) -> str | None:
-    """Point JAX's persistent compilation cache at `<root>/xla` (default root: `cache_dir()`), so a later
-    process compiling the same program reads it instead; returns the directory (None: caching is off)."""
+    """Point JAX's persistent compilation cache at `<root>/xla` and pdx's executable cache at `<root>/exe`
+    (default root: `cache_dir()`), so a later process running the same program loads it instead of
+    compiling; returns the XLA directory (None: caching is off)."""
     import jax
+
+    from pdx.io import executable_cache
 
     root = cache_dir() if root is None else root
     if root is None:
         return None
+    executable_cache.enable(os.path.join(root, "exe"))
     path = os.path.join(root, "xla")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)

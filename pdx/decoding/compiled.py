@@ -4,6 +4,8 @@ Strategies call `run(fn, statics, *args)`: the jitted `fn` is lowered and compil
 (static arguments, argument shapes/dtypes, attention implementation) and the executable is reused.
 Compiling explicitly lets every call report its compile time apart from its run time, and
 `compile_count` lets tests prove that changing prompt content, seeds or thresholds does not recompile.
+Where `pdx.io.executable_cache` is enabled (the CLI enables it), executables also persist on disk,
+so a later process skips tracing, lowering and compiling (`compile_count` counts real compiles only).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import Counter
 
 import jax
 
+from pdx.io import executable_cache
 from pdx.kernels_pallas import get_impl
 
 _EXECUTABLES: dict = {}
@@ -30,17 +33,23 @@ def run(fn, statics: dict, *args):
     The attention implementation (`pdx.kernels_pallas.set_impl`) is read at trace time, so it is part
     of the key, and a switch retraces (`fn`'s own trace cache is keyed without it)."""
     impl = get_impl()
-    key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), _signature(args), impl)
+    signature = _signature(args)
+    key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature, impl)
     compile_s = 0.0
     exe = _EXECUTABLES.get(key)
     if exe is None:
         t0 = time.perf_counter()
-        if any(k[0] is fn and k[1:3] == key[1:3] for k in _EXECUTABLES):  # same program, other impl
-            fn.clear_cache()
-        exe = fn.lower(*args, **statics).compile()
+        stored = executable_cache.entry_path(fn, statics, signature, impl)
+        exe = executable_cache.load(stored) if stored else None
+        if exe is None:
+            if any(k[0] is fn and k[1:3] == key[1:3] for k in _EXECUTABLES):  # same program, other impl
+                fn.clear_cache()
+            exe = fn.lower(*args, **statics).compile()
+            _COUNTS[fn] += 1
+            if stored:
+                executable_cache.store(stored, exe)
         compile_s = time.perf_counter() - t0
         _EXECUTABLES[key] = exe
-        _COUNTS[fn] += 1
     return exe(*args), compile_s
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 
 from pdx.errors import InvalidInputError, ModelLoadError, UnsupportedError
@@ -25,6 +26,7 @@ _PRE_TOKENIZERS = {
 }
 
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are special tokens
+_SPECIAL_SWITCH = threading.Lock()
 
 
 @dataclass
@@ -46,10 +48,9 @@ class Tokenizer:
         """Token ids of `text`. Special-token strings are only recognised with `allow_special`."""
         if not isinstance(text, str):
             raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
-        if allow_special:
+        with _SPECIAL_SWITCH:  # `encode_special_tokens` is the backend's state: one switch-and-encode at a time
+            self.backend.encode_special_tokens = not allow_special  # True: special strings are plain text
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self._plain.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
@@ -74,17 +75,6 @@ class Tokenizer:
 
     def token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.backend.id_to_token(token_id)
-
-    @property
-    def _plain(self):
-        """The same tokenizer with special tokens treated as plain text (llama.cpp parse_special=False)."""
-        if not hasattr(self, "_plain_backend"):
-            from tokenizers import Tokenizer as HFTokenizer
-
-            spec = json.loads(self.backend.to_str())
-            spec["added_tokens"] = []
-            self._plain_backend = HFTokenizer.from_str(json.dumps(spec))
-        return self._plain_backend
 
 
 def _render(template: str, **context) -> str:
