@@ -60,11 +60,11 @@ def bench_hf(prompts, batches, new_tokens):
     return rows
 
 
-def bench_llama_cpp(prompts, new_tokens):
+def bench_llama_cpp(prompts, new_tokens, n_ubatch=512):
     """llama.cpp (llama-cpp-python) on the same Q4_1 GGUF, batch 1, greedy: prefill and decode tok/s."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=default_model_path(), n_ctx=2048, verbose=False)
+    llm = Llama(model_path=default_model_path(), n_ctx=2048, n_ubatch=n_ubatch, verbose=False)
 
     def run(prompt, n):  # seconds to prefill `prompt` and emit `n` tokens; `generate` never stops at EOS
         llm.reset()  # forget the previous prompt: `generate` would reuse its matching prefix
@@ -78,6 +78,27 @@ def bench_llama_cpp(prompts, new_tokens):
     t_total = sum(run(p, new_tokens) for p in prompts[:4])
     return {1: {"decode_tok_s": 4 * (new_tokens - 1) / (t_total - t_prefill),
                 "prefill_tok_s": sum(len(p) for p in prompts[:4]) / t_prefill}}
+
+
+def _llama_cpp_child(prompts, new_tokens, n_ubatch, queue):
+    queue.put(bench_llama_cpp(prompts, new_tokens, n_ubatch))
+
+
+def llama_cpp_rows(prompts, new_tokens) -> tuple[str, dict, int]:
+    """(row name, results, n_ubatch) of llama.cpp, run in a child process: some llama-cpp-python builds
+    crash (SIGSEGV) in ggml's batched prompt path on AMX CPUs; then it is rerun one token per ubatch."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for n_ubatch in (512, 1):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_llama_cpp_child, args=(prompts, new_tokens, n_ubatch, queue))
+        proc.start()
+        proc.join()
+        if proc.exitcode == 0:
+            name = "llama.cpp Q4_1" + ("" if n_ubatch == 512 else " (n_ubatch=1: batched prompts crash this build)")
+            return name, queue.get(), n_ubatch
+    raise RuntimeError("llama.cpp crashed with n_ubatch 512 and 1")
 
 
 def bench_pdx(prompts, batches, new_tokens, dtype, bandwidth):
@@ -118,7 +139,7 @@ print(tok.decode(out[0, -1:]) or "?", flush=True)
 LLAMA_CPP_FIRST_TOKEN = """
 import sys
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=512, verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_ubatch=int(sys.argv[3]), verbose=False)
 for piece in llm(sys.argv[2], max_tokens=16, temperature=0.0, stream=True):
     print(piece["choices"][0]["text"] or "?", flush=True)
     break
@@ -144,7 +165,7 @@ def has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def bench_ttft(rounds: int, with_hf: bool) -> dict:
+def bench_ttft(rounds: int, with_hf: bool, llama_ubatch: int | None) -> dict:
     """Cold and warm time to first token (s) of each engine, its fresh processes alternating."""
     path = default_model_path()
     pdx_cmd = [sys.executable, "-c", "import sys; from pdx.cli import main; sys.exit(main())", "generate",
@@ -152,8 +173,8 @@ def bench_ttft(rounds: int, with_hf: bool) -> dict:
     engines = {"pdx": pdx_cmd}
     if with_hf:
         engines["transformers fp32"] = [sys.executable, "-c", HF_FIRST_TOKEN, path, TTFT_PROMPT]
-    if has_llama_cpp():
-        engines["llama.cpp Q4_1"] = [sys.executable, "-c", LLAMA_CPP_FIRST_TOKEN, path, TTFT_PROMPT]
+    if llama_ubatch:
+        engines["llama.cpp Q4_1"] = [sys.executable, "-c", LLAMA_CPP_FIRST_TOKEN, path, TTFT_PROMPT, str(llama_ubatch)]
     with tempfile.TemporaryDirectory() as cache_dir:
         env = {**os.environ, "PDX_CACHE_DIR": cache_dir}
         env.pop("PDX_NO_CACHE", None)
@@ -200,10 +221,10 @@ def main(argv=None):
     problems = read_problems()
     prompts = [tok.encode(problems[f"HumanEval/{i}"]["prompt"]) for i in range(16)]
     bandwidth = benchutil.memory_bandwidth_gbs()
-    ttft = bench_ttft(args.ttft_rounds, not args.skip_hf) if args.ttft_rounds else {}
-    results = {}
+    results, llama_ubatch = {}, None
     if has_llama_cpp():
-        results["llama.cpp Q4_1"] = bench_llama_cpp(prompts, args.new_tokens)
+        name, results[name], llama_ubatch = llama_cpp_rows(prompts, args.new_tokens)
+    ttft = bench_ttft(args.ttft_rounds, not args.skip_hf, llama_ubatch) if args.ttft_rounds else {}
     if not args.skip_hf:
         results["transformers fp32"] = bench_hf(prompts, batches, args.new_tokens)
     for dtype in args.dtypes.split(","):

@@ -46,7 +46,10 @@ def attend(
     if new_in_cache:
         require(new_mask is None, "new_in_cache cannot take a new_mask (tree nodes' positions are not their slots)")
         ck, cv, lengths = cache
-        slot_pos, slot_valid = decode_attention.slots(lengths + valid.sum(-1, dtype=lengths.dtype), ck.shape[2])
+        live = lengths + valid.sum(-1, dtype=lengths.dtype)
+        if path == "reference" and q.shape[1] > 1:  # prefill chunks, verify steps: the live blocks only
+            return gqa.attention_live(q, ck, cv, q_pos, live, mode, window)  # (one decode row: a loop costs more)
+        slot_pos, slot_valid = decode_attention.slots(live, ck.shape[2])
         if path == "reference":
             return gqa.attention(q, [(ck, cv, masks.visibility(q_pos, slot_pos, slot_valid, mode, window))])
         out = flash_attention.pallas(q, ck, cv, q_pos, slot_pos, slot_valid, mode, window, interpret=interpret)

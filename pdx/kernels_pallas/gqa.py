@@ -33,3 +33,49 @@ def attention(q: jax.Array, segments: list[tuple[jax.Array, jax.Array, jax.Array
         out = out + jnp.einsum("bkgts,bksh->bkgth", p, v.astype(q.dtype))
         start += k.shape[2]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+# Keys visited per step of `attention_live`: 64 slots read at most 63 dead ones per row and kept the
+# loop's overhead (30 layers x live / 64 iterations per decode step) under a millisecond on SmolLM2.
+LIVE_BLOCK = 64
+
+
+def attention_live(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, lengths: jax.Array, mode,
+                   window: jax.Array | int, block: int = LIVE_BLOCK) -> jax.Array:
+    """`q [B, T, N, H]` over the first `lengths[b]` slots of `k, v [B, K, S, H]` (slot s holds position s),
+    visiting only the `block`-slot blocks below `max(lengths)` with an online softmax: a decode step or
+    prefill chunk reads the live context, not the whole cache (at 16 rows, half of SmolLM2's decode time
+    went to attention over empty slots). Equals `attention` over all slots for every query that sees a
+    key; a query that sees none gets a uniform mix of the visited slots. Returns `[B, T, N, H]`."""
+    from jax import lax
+
+    from pdx import masks
+
+    b, t, n, h = q.shape
+    kv_heads, size = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    block = math.gcd(block, size)
+    rows = g * t
+    qg = (q.reshape(b, t, kv_heads, g, h) * (1.0 / math.sqrt(h))).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, rows, h)
+    qg = qg.astype(jnp.float32)  # [B, K, G*T, H], row = g * T + t
+
+    def visit(j, carry):
+        m, total, acc = carry  # running max, softmax denominator [B, K, R]; output [B, K, R, H]
+        start = j * block
+        kb = lax.dynamic_slice_in_dim(k, start, block, axis=2).astype(jnp.float32)  # [B, K, blk, H]
+        vb = lax.dynamic_slice_in_dim(v, start, block, axis=2).astype(jnp.float32)
+        slot_pos = jnp.broadcast_to(start + jnp.arange(block, dtype=jnp.int32), (b, block))
+        seen = masks.visibility(q_pos, slot_pos, slot_pos < lengths[:, None], mode, window)  # [B, T, blk]
+        seen = jnp.broadcast_to(seen[:, None, None], (b, 1, g, t, block)).reshape(b, 1, rows, block)
+        s = jnp.where(seen, jnp.einsum("bkrh,bksh->bkrs", qg, kb), NEG_INF)  # [B, K, R, blk]
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        return m_new, total * scale + p.sum(-1), acc * scale[..., None] + jnp.einsum("bkrs,bksh->bkrh", p, vb)
+
+    init = (jnp.full((b, kv_heads, rows), NEG_INF, jnp.float32), jnp.zeros((b, kv_heads, rows), jnp.float32),
+            jnp.zeros((b, kv_heads, rows, h), jnp.float32))
+    blocks = (jnp.max(lengths) + block - 1) // block
+    _, total, acc = lax.fori_loop(0, blocks, visit, init)
+    out = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)  # no block visited: zeros
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

@@ -13,35 +13,46 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# On XLA CPU, a product of more rows than this runs faster plain than weights-first (`_weights_first`):
+# at SmolLM2 geometry 64 rows tie and a 16 x 64-token prefill chunk ran 1.4x faster plain.
+WEIGHTS_FIRST_MAX_ROWS = 32
+
 
 def dense(eq: str, x: jax.Array, w) -> jax.Array:
     """`einsum(eq, x, w)` in the activation dtype; `w` may be a `pdx.models.quant.QuantizedWeight`.
 
-    `eq` is always "x[..., in], w[out, in] -> [..., out]". On CPU with more than one row the
-    product is computed weights-first (`w @ x^T`, see `_weights_first`)."""
+    `eq` is always "x[..., in], w[out, in] -> [..., out]". bf16 weights under fp32 activations
+    multiply in bf16 with fp32 accumulation (the MXU's way; on XLA CPU the AMX/oneDNN GEMM, about 3x
+    fp32's speed from 2 rows up), except a single row on CPU, where XLA's bf16 gemv is slow and the
+    upcast weight (hoisted out of decode loops) runs at fp32 speed. On CPU, 2 to
+    `WEIGHTS_FIRST_MAX_ROWS` rows of fp32 run weights-first (`w @ x^T`, see `_weights_first`)."""
     if hasattr(w, "dequantized_einsum"):
         return w.dequantized_einsum(eq, x)
-    w = w.astype(x.dtype) if w.dtype != x.dtype else w
     rows = math.prod(x.shape[:-1])
-    if rows > 1 and w.ndim == 2 and jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and not (cpu and rows == 1):
+        return jnp.einsum(eq, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
+    w = w.astype(x.dtype) if w.dtype != x.dtype else w
+    if 1 < rows <= WEIGHTS_FIRST_MAX_ROWS and w.ndim == 2 and cpu:
         return _weights_first(x, w)
     return jnp.einsum(eq, x, w)
 
 
 def _weights_first(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [..., in] @ w[out, in]^T` as `(w @ x^T)^T`: XLA CPU's GEMM runs a few rows (speculative
-    verify, batched decode, prefill chunks) 1.1-1.7x faster with the weight as the left operand
-    (measured on SmolLM2: a 4-token forward 62 -> 37 ms, 8 tokens 76 -> 50 ms; one row is a
-    gemv either way). The barrier keeps XLA from folding the transpose back into the dot."""
+    verify, batched decode) 1.1-1.7x faster with the weight as the left operand (measured on
+    SmolLM2: a 4-token forward 62 -> 37 ms, 8 tokens 76 -> 50 ms; one row is a gemv either way).
+    The barrier keeps XLA from folding the transpose back into the dot."""
     y = lax.dot_general(w, x.reshape(-1, x.shape[-1]), (((1,), (1,)), ((), ())))  # [out, rows]
     return lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
 
 
 def embed(table, tokens: jax.Array) -> jax.Array:
-    """Rows of the embedding table `[V, D]` for `tokens`; the table may be quantized."""
+    """Rows of the embedding table `[V, D]` for `tokens`, in fp32 whatever the storage (bf16 or int8
+    weights keep an fp32 residual stream); the table may be quantized."""
     if hasattr(table, "rows"):
         return table.rows(tokens)
-    return jnp.take(table, tokens, axis=0)
+    return jnp.take(table, tokens, axis=0).astype(jnp.float32)
 
 
 def last_valid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
