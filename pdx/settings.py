@@ -41,12 +41,12 @@ def enable_compilation_cache(root: str | None = None) -> str | None:
     compiling; returns the XLA directory (None: caching is off)."""
     import jax
 
-    from pdx.io import executable_cache
+    from pdx.decoding import executable_cache
 
     root = cache_dir() if root is None else root
     if root is None:
         return None
-    executable_cache.enable(os.path.join(root, "exe"))
+    executable_cache.enable(os.path.join(root, "exe"), cache_max_bytes())
     path = os.path.join(root, "xla")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)

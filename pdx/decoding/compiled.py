@@ -4,7 +4,7 @@ Strategies call `run(fn, statics, *args)`: the jitted `fn` is lowered and compil
 (static arguments, argument shapes/dtypes, attention implementation) and the executable is reused.
 Compiling explicitly lets every call report its compile time apart from its run time, and
 `compile_count` lets tests prove that changing prompt content, seeds or thresholds does not recompile.
-Where `pdx.io.executable_cache` is enabled (the CLI enables it), executables also persist on disk,
+Where `pdx.decoding.executable_cache` is enabled (the CLI enables it), executables also persist on disk,
 so a later process skips tracing, lowering and compiling (`compile_count` counts real compiles only).
 """
 
@@ -15,7 +15,7 @@ from collections import Counter
 
 import jax
 
-from pdx.io import executable_cache
+from pdx.decoding import executable_cache
 from pdx.kernels_pallas import get_impl
 
 _EXECUTABLES: dict = {}

@@ -25,12 +25,13 @@ import zlib
 
 FORMAT = 1
 _DIR: str | None = None
+_MAX_BYTES = 8 << 30
 
 
-def enable(directory: str | None) -> None:
-    """Store and load executables under `directory` (None: off, the default)."""
-    global _DIR
-    _DIR = directory
+def enable(directory: str | None, max_bytes: int = 8 << 30) -> None:
+    """Store and load executables under `directory` (None: off, the default), keeping at most `max_bytes`."""
+    global _DIR, _MAX_BYTES
+    _DIR, _MAX_BYTES = directory, max_bytes
     if directory:
         os.makedirs(directory, exist_ok=True)
 
@@ -122,11 +123,9 @@ def load(path: str):
 
 
 def store(path: str, exe) -> None:
-    """Write `exe` to `path` atomically, then keep the cache within `PDX_CACHE_MAX_GB`; a full or
+    """Write `exe` to `path` atomically, then keep the cache within its byte bound; a full or
     read-only disk only costs the next start a compile."""
     from jax.experimental import serialize_executable
-
-    from pdx import settings
 
     payload = pickle.dumps(serialize_executable.serialize(exe))
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -138,7 +137,7 @@ def store(path: str, exe) -> None:
         pass
     finally:
         _remove(tmp)
-    evict(settings.cache_max_bytes())
+    evict(_MAX_BYTES)
 
 
 def evict(max_bytes: int) -> list[str]:

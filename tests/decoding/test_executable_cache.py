@@ -8,8 +8,8 @@ import os
 import jax
 import pytest
 
-from pdx.decoding import ar, compiled
-from pdx.io import executable_cache, weights_cache
+from pdx.decoding import ar, compiled, executable_cache
+from pdx.io import weights_cache
 from pdx.model import Model
 from pdx.models import transformer as tf
 
