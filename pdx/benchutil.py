@@ -11,6 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pdx.files import atomic_write
+
 
 def best_time(fn, repeats: int) -> float:
     """Best wall time in seconds of `repeats` calls of `fn` (which must block on its result)."""
@@ -55,9 +57,7 @@ def write_report(out_dir: str, name: str, data: dict, markdown: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for ext, text in (("json", json.dumps(data, indent=2)), ("md", markdown)):
         path = os.path.join(out_dir, f"{name}.{ext}")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, text)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

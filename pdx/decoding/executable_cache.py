@@ -20,8 +20,9 @@ import hashlib
 import os
 import pickle
 import types
-import uuid
 import zlib
+
+from pdx.files import atomic_write
 
 FORMAT = 1
 _DIR: str | None = None
@@ -128,15 +129,10 @@ def store(path: str, exe) -> None:
     from jax.experimental import serialize_executable
 
     payload = pickle.dumps(serialize_executable.serialize(exe))
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(zlib.crc32(payload).to_bytes(4, "little") + payload)
-        os.replace(tmp, path)
+        atomic_write(path, zlib.crc32(payload).to_bytes(4, "little") + payload)
     except OSError:
         pass
-    finally:
-        _remove(tmp)
     evict(_MAX_BYTES)
 
 

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pdx.errors import InvalidInputError, ModelLoadError, UnsupportedError
+from pdx.files import atomic_write
 
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
@@ -163,9 +164,7 @@ def save_byte_level(directory: str | os.PathLike, eos_token_ids: tuple[int, ...]
         files["tokenizer_config.json"] = json.dumps({"eos_token": tok.token_text(eos_token_ids[0])})
     for name, text in files.items():
         path = os.path.join(os.fspath(directory), name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, text)
 
 
 def from_hf_dir(path: str | os.PathLike) -> Tokenizer:

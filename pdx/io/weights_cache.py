@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pdx.files import atomic_write
+
 FORMAT = 2
 _CHUNK = 1 << 24
 _CODE = ("io", "models", "ssm", "model.py")  # pdx sources whose change alters converted params
@@ -93,22 +95,12 @@ def _source_digest(paths: list[str], directory: str | None) -> str:
     _hash_files(h, paths)
     digest = h.hexdigest()
     if memo and all(time.time_ns() - mtime > _SETTLED_NS for _, _, mtime, _ in stats):
-        _atomic_write(memo, digest)
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            atomic_write(memo, digest)
+        except OSError:
+            pass  # a read-only cache only costs the next start the hash
     return digest
-
-
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next start the hash
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def key(source: str, dtype: str, backend: str, directory: str | None = None) -> str:
