@@ -39,6 +39,8 @@ def _under(name: str, prefix: str) -> bool:
 
 
 RULES = [  # (importer prefix, forbidden prefixes)
+    ("pdx.kernels_cpu", ["pdx.models", "pdx.decoding", "pdx.io", "pdx.model", "pdx.ssm", "pdx.train", "pdx.cli",
+                         "pdx.kernels_pallas"]),
     ("pdx.kernels_pallas", ["pdx.models", "pdx.decoding", "pdx.io", "pdx.model", "pdx.ssm", "pdx.train", "pdx.cli"]),
     ("pdx.masks", ["pdx.models", "pdx.kernels_pallas", "pdx.decoding", "pdx.io", "pdx.model"]),
     ("pdx.ssm", ["pdx.models", "pdx.decoding", "pdx.io", "pdx.model", "pdx.train", "pdx.cli"]),

@@ -16,6 +16,7 @@ from collections import Counter
 import jax
 
 from pdx.decoding import executable_cache
+from pdx.kernels_cpu import gemv
 from pdx.kernels_pallas import get_impl
 
 _EXECUTABLES: dict = {}
@@ -30,9 +31,11 @@ def _signature(args) -> tuple:
 def run(fn, statics: dict, *args):
     """`fn(*args, **statics)` through the cache; returns (outputs, seconds spent compiling).
 
-    The attention implementation (`pdx.kernels_pallas.set_impl`) is read at trace time, so it is part
-    of the key, and a switch retraces (`fn`'s own trace cache is keyed without it)."""
-    impl = get_impl()
+    The attention implementation (`pdx.kernels_pallas.set_impl`) and whether pdx's CPU gemv is on
+    (`pdx.kernels_cpu.gemv`, registered before a stored executable that may call it loads) are
+    read at trace time, so they are part of the key, and a switch retraces (`fn`'s own trace cache is
+    keyed without them)."""
+    impl = f"{get_impl()}|{gemv.mode()}"
     signature = _signature(args)
     key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature, impl)
     compile_s = 0.0
@@ -40,6 +43,8 @@ def run(fn, statics: dict, *args):
     if exe is None:
         t0 = time.perf_counter()
         stored = executable_cache.entry_path(fn, statics, signature, impl)
+        if stored and impl.endswith(".so"):
+            gemv.available()  # registers the FFI target a stored executable may call
         exe = executable_cache.load(stored) if stored else None
         if exe is None:
             if any(k[0] is fn and k[1:3] == key[1:3] for k in _EXECUTABLES):  # same program, other impl

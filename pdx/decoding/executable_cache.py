@@ -83,7 +83,7 @@ def _environment() -> str:
     for d, dirs, files in sorted(os.walk(root)):
         dirs.sort()
         for f in sorted(files):
-            if f.endswith(".py"):
+            if f.endswith((".py", ".cc")):
                 with open(os.path.join(d, f), "rb") as fh:
                     h.update(f.encode() + b"\0" + fh.read())
     devices = [(d.platform, d.device_kind) for d in jax.devices()]

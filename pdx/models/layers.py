@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pdx.kernels_cpu import gemv
+
 # On XLA CPU, a product of more rows than this runs faster plain than weights-first (`_weights_first`):
 # at SmolLM2 geometry 64 rows tie and a 16 x 64-token prefill chunk ran 1.4x faster plain.
 WEIGHTS_FIRST_MAX_ROWS = 32
@@ -23,13 +25,17 @@ def dense(eq: str, x: jax.Array, w) -> jax.Array:
 
     `eq` is always "x[..., in], w[out, in] -> [..., out]". bf16 weights under fp32 activations
     multiply in bf16 with fp32 accumulation (the MXU's way; on XLA CPU the AMX/oneDNN GEMM, about 3x
-    fp32's speed from 2 rows up), except a single row on CPU, where XLA's bf16 gemv is slow and the
-    upcast weight (hoisted out of decode loops) runs at fp32 speed. On CPU, 2 to
-    `WEIGHTS_FIRST_MAX_ROWS` rows of fp32 run weights-first (`w @ x^T`, see `_weights_first`)."""
+    fp32's speed from 2 rows up). On CPU, up to `gemv.MAX_ROWS` rows of that run pdx's bf16 gemv
+    (`pdx.kernels_cpu.gemv`, fp32 math at memory bandwidth) where it is available; else a single row
+    upcasts the weight (XLA's bf16 gemv is slow; the upcast is hoisted out of decode loops). On CPU,
+    2 to `WEIGHTS_FIRST_MAX_ROWS` rows of fp32 run weights-first (`w @ x^T`, see `_weights_first`)."""
     if hasattr(w, "dequantized_einsum"):
         return w.dequantized_einsum(eq, x)
     rows = math.prod(x.shape[:-1])
     cpu = jax.default_backend() == "cpu"
+    if (cpu and w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and w.ndim == 2 and rows <= gemv.MAX_ROWS
+            and gemv.available()):
+        return gemv.gemv_bf16(x, w)
     if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and not (cpu and rows == 1):
         return jnp.einsum(eq, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
     w = w.astype(x.dtype) if w.dtype != x.dtype else w
