@@ -10,6 +10,7 @@ so a later process skips tracing, lowering and compiling (`compile_count` counts
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 
@@ -43,7 +44,7 @@ def run(fn, statics: dict, *args):
     if exe is None:
         t0 = time.perf_counter()
         stored = executable_cache.entry_path(fn, statics, signature, impl)
-        if stored and impl.endswith(".so"):
+        if stored and impl.endswith(".so") and os.path.exists(stored):
             gemv.available()  # registers the FFI target a stored executable may call
         exe = executable_cache.load(stored) if stored else None
         if exe is None:

@@ -1,16 +1,19 @@
-"""`gemv_bf16(x, w)`: `x [..., K] fp32 @ w[N, K]^T bf16 -> [..., N] fp32` for a few rows on XLA CPU.
+"""Products of a few fp32 rows with bf16 or int8 weights on XLA CPU, at memory bandwidth:
 
-XLA CPU multiplies a bf16 weight by one row of activations at 1-2 GB/s (its bf16 gemv, or an upcast
-copy), so decode at batch 1-8 gained nothing from bf16 weights. `gemv_bf16.cc` streams the weight
-at memory bandwidth instead (fp32 math on the bf16 values: the result is the fp32 product up to
-summation order). It is C++ built with the system compiler (`$CXX`, else `c++`) the first time it is
+    gemv_bf16(x, w)         x [..., K] fp32 @ w [N, K]^T (bf16)                -> [..., N] fp32
+    gemv_int8(x, q, scale)  (x [..., K] fp32 @ q [N, K]^T (int8)) * scale [N]  -> [..., N] fp32
+
+XLA CPU multiplies such a weight by a few rows of activations at 1-2 GB/s (its bf16/int8 dot, or an
+upcast copy), so decode at batch 1-8 gained nothing from smaller weights. `gemv.cc` streams the
+weight at memory bandwidth instead (fp32 math on the weight's values: the result is the fp32
+product up to summation order). It is C++ built with the system compiler (`$CXX`, else `c++`) the first time it is
 needed, for this CPU (`-march=native`, AVX-512 required), into `<PDX_CACHE_DIR>/kernels/` (a
 per-process temporary directory when caching is off), and registered as an XLA FFI target.
 
 `available()` says whether it can run here; `reason()` says why not. `PDX_CPU_KERNELS=0` turns it
 off. `pdx.models.layers.dense` uses it on CPU for bf16 weights under fp32 activations with up to
-`MAX_ROWS` rows, where it measured faster than XLA's dot; elsewhere XLA's dot runs, and a CPU that
-cannot build it gets one warning."""
+`MAX_ROWS` rows, and `pdx.models.quant` for int8 weights, where they measured faster than XLA's
+dot; elsewhere XLA's dot runs, and a CPU that cannot build them gets one warning."""
 
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ import jax.numpy as jnp
 from pdx import settings
 from pdx.errors import InvalidInputError
 
-TARGET = "pdx_gemv_bf16"
+TARGETS = ("pdx_gemv_bf16", "pdx_gemv_int8")
 # SmolLM2 bf16 decode tok/s, XLA dot -> this kernel: 1 row 35.8 -> 55.2, 2: 57 -> 90, 4: 108 -> 141,
 # 8: 177 -> 203, 16: 265 -> 243 (XLA's AMX GEMM wins from 16 rows).
 MAX_ROWS = 8
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_bf16.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.cc")
 _FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w"]
 
 
@@ -70,7 +73,7 @@ def _plan() -> tuple[str | None, str]:
     with open(_SOURCE, "rb") as f:
         h.update(f.read())
     h.update(repr((cxx, _FLAGS, jaxlib.__version__, sorted(_cpu_flags()))).encode())
-    return f"gemv_bf16-{h.hexdigest()}.so", ""
+    return f"gemv-{h.hexdigest()}.so", ""
 
 
 @functools.cache
@@ -98,13 +101,14 @@ def _register() -> bool:
     path, why = _build()
     if path is None:
         if _plan()[0] is not None:  # it should have built: say so once
-            warnings.warn(f"pdx's CPU bf16 gemv is unavailable ({why}); bf16 decode uses XLA's slower dot",
+            warnings.warn(f"pdx's CPU gemv is unavailable ({why}); bf16/int8 decode uses XLA's slower dot",
                           stacklevel=3)
         return False
     library = ctypes.cdll.LoadLibrary(path)
     if settings.cache_dir() is None:  # a per-process build: mapped now, so its directory can go
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, TARGET)), platform="cpu")
+    for target in TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return True
 
 
@@ -124,27 +128,56 @@ def mode() -> str:
     return _plan()[0] or "off"
 
 
-def gemv_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x [..., K] fp32`, `w [N, K] bf16` -> `[..., N] fp32` (requires `available()`)."""
-    if x.dtype != jnp.float32 or w.dtype != jnp.bfloat16 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
-        raise InvalidInputError(f"gemv_bf16 takes x [..., K] float32 and w [N, K] bfloat16, got "
-                                f"x {x.shape} {x.dtype} and w {w.shape} {w.dtype}")
+def _check(x, w, dtype, name, args):
+    if x.dtype != jnp.float32 or w.dtype != dtype or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise InvalidInputError(f"{name} takes x [..., K] float32 and {args}, got x {x.shape} {x.dtype} and "
+                                f"the weight {w.shape} {w.dtype}")
     if not available():
         raise InvalidInputError(f"pdx's CPU gemv is unavailable: {reason()}")
-    return _gemv(x, w)
 
 
-def reference(x: jax.Array, w: jax.Array) -> jax.Array:
-    """What `gemv_bf16` computes, in jnp: the fp32 product with the bf16 weight's values."""
-    return jnp.einsum("...k,nk->...n", x, w.astype(jnp.float32))
+def gemv_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., K] fp32`, `w [N, K] bf16` -> `[..., N] fp32` (requires `available()`)."""
+    _check(x, w, jnp.bfloat16, "gemv_bf16", "w [N, K] bfloat16")
+    return _gemv_bf16(x, w)
+
+
+def gemv_int8(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x [..., K] fp32`, `q [N, K] int8`, `scale [N] fp32` -> `[..., N] fp32` (requires `available()`)."""
+    _check(x, q, jnp.int8, "gemv_int8", "q [N, K] int8 with scale [N] float32")
+    if scale.shape != q.shape[:1] or scale.dtype != jnp.float32:
+        raise InvalidInputError(f"gemv_int8's scale must be [{q.shape[0]}] float32, got {scale.shape} {scale.dtype}")
+    return _gemv_int8(x, q, scale)
+
+
+def reference(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """What `gemv_bf16` (`scale` None) and `gemv_int8` compute, in jnp: the fp32 product."""
+    y = jnp.einsum("...k,nk->...n", x, w.astype(jnp.float32))
+    return y if scale is None else y * scale
+
+
+def _call(target, x, *weight):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape[:-1] + weight[0].shape[:1], jnp.float32))(x, *weight)
+
+
+# Differentiable (training, tests): the tangent maps are the jnp products. int8 weights are constants.
+@jax.custom_jvp
+def _gemv_bf16(x, w):
+    return _call(TARGETS[0], x, w)
+
+
+@_gemv_bf16.defjvp
+def _gemv_bf16_jvp(primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    return _gemv_bf16(x, w), reference(dx, w) + reference(x, dw.astype(jnp.bfloat16))
 
 
 @jax.custom_jvp
-def _gemv(x, w):
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[0],), jnp.float32))(x, w)
+def _gemv_int8(x, q, scale):
+    return _call(TARGETS[1], x, q, scale)
 
 
-@_gemv.defjvp
-def _gemv_jvp(primals, tangents):  # differentiable (training, tests): the tangent map is the jnp product
-    (x, w), (dx, dw) = primals, tangents
-    return _gemv(x, w), reference(dx, w) + reference(x, dw.astype(jnp.bfloat16))
+@_gemv_int8.defjvp
+def _gemv_int8_jvp(primals, tangents):
+    (x, q, scale), (dx, _, dscale) = primals, tangents
+    return _gemv_int8(x, q, scale), reference(dx, q, scale) + reference(x, q, dscale)

@@ -7,10 +7,12 @@ the matmul runs on the dequantized weight and the per-channel scale multiplies i
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from pdx.kernels_cpu import gemv
 from pdx.models.layers import dense
 
 
@@ -26,8 +28,13 @@ class QuantizedWeight:
 
     def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
         """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. The
-        dequantized matrix goes through `layers.dense`, so several rows run weights-first on CPU."""
-        return dense(eq, x, self.q.astype(x.dtype)) * self.scale.astype(x.dtype)
+        dequantized matrix goes through `layers.dense`, so several rows run weights-first on CPU; up
+        to `gemv.MAX_ROWS` rows on CPU run pdx's int8 gemv instead, which reads the int8 bytes."""
+        rows = math.prod(x.shape[:-1])
+        if (self.q.ndim == 2 and x.dtype == jnp.float32 and rows <= gemv.MAX_ROWS
+                and jax.default_backend() == "cpu" and gemv.available()):
+            return gemv.gemv_int8(x, self.q, self.scale)
+        return dense(eq, x, self.q.astype(jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)) * self.scale.astype(x.dtype)
 
     def rows(self, ids: jax.Array) -> jax.Array:
         """Dequantized rows `w[ids]` (embedding lookup), shape `ids.shape + (in,)`, fp32."""

@@ -1,4 +1,4 @@
-"""pdx's CPU bf16 gemv (an XLA FFI custom call) against its jnp reference, and where dense uses it."""
+"""pdx's CPU bf16/int8 gemv (XLA FFI custom calls) against their jnp reference, and where dense uses them."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ from jax import lax
 
 from pdx.errors import InvalidInputError
 from pdx.kernels_cpu import gemv
-from pdx.models import layers
+from pdx.models import layers, quant
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason=f"CPU gemv unavailable: {gemv.reason()}")
 
@@ -31,6 +31,9 @@ def test_matches_reference(lead, k, n):
     got = jax.jit(gemv.gemv_bf16)(x, w)
     assert got.shape == (*lead, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, gemv.reference(x, w), rtol=2e-5, atol=2e-5 * np.sqrt(k))
+    qw = quant.quantize_int8(w.astype(jnp.float32))
+    got = jax.jit(gemv.gemv_int8)(x, qw.q, qw.scale)
+    np.testing.assert_allclose(got, gemv.reference(x, qw.q, qw.scale), rtol=2e-5, atol=2e-5 * np.sqrt(k))
 
 
 def test_inside_a_while_loop():
@@ -46,10 +49,15 @@ def test_inside_a_while_loop():
 def test_gradients_are_the_products():
     x, w = _operands((3,), 40, 24)
 
-    def loss(f):
-        return jax.grad(lambda x: (f(x, w) ** 2).sum())(x)
+    qw = quant.quantize_int8(w.astype(jnp.float32))
 
-    np.testing.assert_allclose(loss(gemv.gemv_bf16), loss(gemv.reference), rtol=1e-4, atol=1e-4)
+    def grads(f, *weight):
+        return jax.grad(lambda x, s: (f(x, *weight[:-1], s) ** 2).sum(), argnums=(0, 1))(x, weight[-1])
+
+    for got, want in zip(grads(gemv.gemv_bf16, w), grads(gemv.reference, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads(gemv.gemv_int8, qw.q, qw.scale), grads(gemv.reference, qw.q, qw.scale)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("x,w", [(jnp.zeros((2, 8)), jnp.zeros((4, 9), jnp.bfloat16)),
@@ -59,15 +67,27 @@ def test_gradients_are_the_products():
 def test_bad_operands_are_refused(x, w):
     with pytest.raises(InvalidInputError, match="gemv_bf16 takes"):
         gemv.gemv_bf16(x, w)
+    with pytest.raises(InvalidInputError, match="gemv_int8 takes"):
+        gemv.gemv_int8(x, w.astype(jnp.int8) if w.dtype == jnp.bfloat16 else w, jnp.ones(w.shape[:1]))
+
+
+def test_int8_scale_must_match():
+    x, q = jnp.zeros((2, 8)), jnp.zeros((4, 8), jnp.int8)
+    for scale in (jnp.ones(3), jnp.ones(4, jnp.bfloat16)):
+        with pytest.raises(InvalidInputError, match="scale must be"):
+            gemv.gemv_int8(x, q, scale)
 
 
 @pytest.mark.parametrize("rows,uses", [(1, True), (gemv.MAX_ROWS, True), (gemv.MAX_ROWS + 1, False)])
-def test_dense_uses_it_for_few_bf16_rows(rows, uses):
+def test_dense_uses_them_for_few_rows(rows, uses):
     x, w = _operands((rows,), 32, 48)
-    hlo = jax.jit(lambda x, w: layers.dense("...i,oi->...o", x, w)).lower(x, w).as_text()
-    assert (gemv.TARGET in hlo) == uses
-    assert gemv.TARGET not in jax.jit(lambda x, w: layers.dense("...i,oi->...o", x, w)).lower(
-        x, w.astype(jnp.float32)).as_text()  # fp32 weights: XLA's dot
+    def hlo(w):
+        return jax.jit(lambda x, w: layers.dense("...i,oi->...o", x, w)).lower(x, w).as_text()
+
+    bf16, int8 = gemv.TARGETS
+    assert (bf16 in hlo(w)) == uses
+    assert (int8 in hlo(quant.quantize_int8(w.astype(jnp.float32)))) == uses
+    assert not any(t in hlo(w.astype(jnp.float32)) for t in gemv.TARGETS)  # fp32 weights: XLA's dot
 
 
 def test_turned_off_by_the_environment():
