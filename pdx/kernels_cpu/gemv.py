@@ -6,9 +6,10 @@
 XLA CPU multiplies such a weight by a few rows of activations at 1-2 GB/s (its bf16/int8 dot, or an
 upcast copy), so decode at batch 1-8 gained nothing from smaller weights. `gemv.cc` streams the
 weight at memory bandwidth instead (fp32 math on the weight's values: the result is the fp32
-product up to summation order). It is C++ built with the system compiler (`$CXX`, else `c++`) the first time it is
-needed, for this CPU (`-march=native`, AVX-512 required), into `<PDX_CACHE_DIR>/kernels/` (a
-per-process temporary directory when caching is off), and registered as an XLA FFI target.
+product up to summation order). It is C++ built with the system compiler (`$CXX`, else `c++`) the
+first time it is needed, for this CPU (`-march=native`, AVX-512 required), into
+`<PDX_CACHE_DIR>/kernels/` (a per-process temporary directory when caching is off), and registered
+as XLA FFI targets.
 
 `available()` says whether it can run here; `reason()` says why not. `PDX_CPU_KERNELS=0` turns it
 off. `pdx.models.layers.dense` uses it on CPU for bf16 weights under fp32 activations with up to

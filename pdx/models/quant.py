@@ -34,7 +34,8 @@ class QuantizedWeight:
         if (self.q.ndim == 2 and x.dtype == jnp.float32 and rows <= gemv.MAX_ROWS
                 and jax.default_backend() == "cpu" and gemv.available()):
             return gemv.gemv_int8(x, self.q, self.scale)
-        return dense(eq, x, self.q.astype(jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)) * self.scale.astype(x.dtype)
+        w = self.q.astype(jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)  # bf16 holds every int8 exactly
+        return dense(eq, x, w) * self.scale.astype(x.dtype)
 
     def rows(self, ids: jax.Array) -> jax.Array:
         """Dequantized rows `w[ids]` (embedding lookup), shape `ids.shape + (in,)`, fp32."""
