@@ -27,9 +27,10 @@ class QuantizedWeight:
         return self.q.shape
 
     def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
-        """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. The
-        dequantized matrix goes through `layers.dense`, so several rows run weights-first on CPU; up
-        to `gemv.MAX_ROWS` rows on CPU run pdx's int8 gemv instead, which reads the int8 bytes."""
+        """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. Up to
+        `gemv.MAX_ROWS` rows on CPU run pdx's int8 gemv, which reads the int8 bytes; otherwise the
+        weight goes through `layers.dense` as bf16 (exact for int8; fp32 activations then multiply
+        in bf16 with fp32 accumulation) and the scale multiplies the output."""
         rows = math.prod(x.shape[:-1])
         if (self.q.ndim == 2 and x.dtype == jnp.float32 and rows <= gemv.MAX_ROWS
                 and jax.default_backend() == "cpu" and gemv.available()):
