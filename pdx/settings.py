@@ -4,6 +4,7 @@
                     under `weights/`, compiled programs under `exe/` (pdx's executables) and `xla/` (JAX's)
     PDX_NO_CACHE    1 / true / yes: use neither cache (the CLI's `--no-cache` does the same)
     PDX_CACHE_MAX_GB  converted weights, and executables, kept (default 8 each): least recently used go first
+    PDX_CPU_KERNELS 0 / false / no / off: never build or call pdx's CPU kernels (`pdx.kernels_cpu`)
 """
 
 from __future__ import annotations
@@ -13,8 +14,19 @@ import os
 from pdx.errors import InvalidInputError
 
 
+def _flag(name: str) -> bool | None:
+    """An on/off environment setting: True (1/true/yes/on), False (0/false/no/off) or None (unset/other)."""
+    text = os.environ.get(name, "").strip().lower()
+    return True if text in ("1", "true", "yes", "on") else False if text in ("0", "false", "no", "off") else None
+
+
 def cache_enabled() -> bool:
-    return os.environ.get("PDX_NO_CACHE", "").strip().lower() not in ("1", "true", "yes", "on")
+    return _flag("PDX_NO_CACHE") is not True
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether pdx may build and call its CPU kernels (`pdx.kernels_cpu`); PDX_CPU_KERNELS=0 says no."""
+    return _flag("PDX_CPU_KERNELS") is not False
 
 
 def cache_dir() -> str | None:

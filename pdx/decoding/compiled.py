@@ -36,7 +36,8 @@ def run(fn, statics: dict, *args):
     (`pdx.kernels_cpu.gemv`, registered before a stored executable that may call it loads) are
     read at trace time, so they are part of the key, and a switch retraces (`fn`'s own trace cache is
     keyed without them)."""
-    impl = f"{get_impl()}|{gemv.mode()}"
+    kernels = gemv.mode()
+    impl = f"{get_impl()}|{kernels}"
     signature = _signature(args)
     key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature, impl)
     compile_s = 0.0
@@ -44,7 +45,7 @@ def run(fn, statics: dict, *args):
     if exe is None:
         t0 = time.perf_counter()
         stored = executable_cache.entry_path(fn, statics, signature, impl)
-        if stored and impl.endswith(".so") and os.path.exists(stored):
+        if stored and kernels != "off" and os.path.exists(stored):
             gemv.available()  # registers the FFI target a stored executable may call
         exe = executable_cache.load(stored) if stored else None
         if exe is None:

@@ -17,8 +17,6 @@
 
 namespace ffi = xla::ffi;
 
-// bf16-weight matrix-vector products for XLA CPU, registered as the FFI target `pdx_gemv_bf16`.
-//
 // y[r, n] = scale[n] * sum_k x[r, k] * w[n, k] for n in [n0, n1). Each weight row is read from
 // memory once and widened to fp32 16 lanes at a time, then multiplied into up to 4 rows of x.
 struct Bf16 {  // a bf16 is the top half of an fp32

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -41,15 +42,16 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.cc")
 _FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w"]
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _compiler() -> str | None:
@@ -59,7 +61,7 @@ def _compiler() -> str | None:
 @functools.cache
 def _plan() -> tuple[str | None, str]:
     """(file name of the library this machine would build, "") or (None, why it cannot run here)."""
-    if os.environ.get("PDX_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not settings.cpu_kernels_enabled():
         return None, "turned off by PDX_CPU_KERNELS"
     if jax.default_backend() != "cpu":
         return None, f"the backend is {jax.default_backend()}, not cpu"
@@ -92,6 +94,8 @@ def _build() -> tuple[str | None, str]:
         cmd = [_compiler(), *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
+            if root is None:
+                shutil.rmtree(directory, ignore_errors=True)
             return None, f"{cmd[0]} failed: {done.stderr.strip()[-500:]}"
         os.replace(tmp, path)  # atomic: a concurrent builder's identical library or ours, never half of one
     return path, ""
@@ -127,6 +131,14 @@ def mode() -> str:
     """A key for compiled-program caches, known without building: the library traced programs would
     call (an executable that calls it must `available()` before it loads), or "off"."""
     return _plan()[0] or "off"
+
+
+def applies(x: jax.Array, w: jax.Array) -> bool:
+    """Whether `x @ w^T` should run here (the caller checks the weight's dtype): CPU, fp32
+    activations, a 2-D weight, at most `MAX_ROWS` rows, and the kernel available."""
+    rows = math.prod(x.shape[:-1])
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and w.ndim == 2 and rows <= MAX_ROWS
+            and available())
 
 
 def _check(x, w, dtype, name, args):

@@ -33,8 +33,7 @@ def dense(eq: str, x: jax.Array, w) -> jax.Array:
         return w.dequantized_einsum(eq, x)
     rows = math.prod(x.shape[:-1])
     cpu = jax.default_backend() == "cpu"
-    if (cpu and w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and w.ndim == 2 and rows <= gemv.MAX_ROWS
-            and gemv.available()):
+    if w.dtype == jnp.bfloat16 and gemv.applies(x, w):
         return gemv.gemv_bf16(x, w)
     if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and not (cpu and rows == 1):
         return jnp.einsum(eq, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)

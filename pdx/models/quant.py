@@ -7,7 +7,6 @@ the matmul runs on the dequantized weight and the per-channel scale multiplies i
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,7 @@ class QuantizedWeight:
         `gemv.MAX_ROWS` rows on CPU run pdx's int8 gemv, which reads the int8 bytes; otherwise the
         weight goes through `layers.dense` as bf16 (exact for int8; fp32 activations then multiply
         in bf16 with fp32 accumulation) and the scale multiplies the output."""
-        rows = math.prod(x.shape[:-1])
-        if (self.q.ndim == 2 and x.dtype == jnp.float32 and rows <= gemv.MAX_ROWS
-                and jax.default_backend() == "cpu" and gemv.available()):
+        if gemv.applies(x, self.q):
             return gemv.gemv_int8(x, self.q, self.scale)
         w = self.q.astype(jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)  # bf16 holds every int8 exactly
         return dense(eq, x, w) * self.scale.astype(x.dtype)
