@@ -4,7 +4,7 @@
 //
 // XLA CPU has no fast bf16 or int8 gemv: its dot of a few rows, or an upcast weight, streams
 // 1-2 GB/s, so decode read such weights as an fp32 copy. Here each weight row is read once, widened
-// to fp32 in registers and multiplied into up to 4 rows of x with fp32 FMAs (AVX-512), the output
+// to fp32 in registers and multiplied into up to 4 rows of x with fp32 FMAs (AVX-512 or AVX2), the output
 // rows split over XLA's intra-op thread pool. Built by `pdx.kernels_cpu.gemv`.
 
 #include <immintrin.h>
@@ -17,34 +17,66 @@
 
 namespace ffi = xla::ffi;
 
-// y[r, n] = scale[n] * sum_k x[r, k] * w[n, k] for n in [n0, n1). Each weight row is read from
-// memory once and widened to fp32 16 lanes at a time, then multiplied into up to 4 rows of x.
+// One SIMD register of fp32 lanes: AVX-512 (16) where the CPU has it, else AVX2 with FMA (8).
+#if defined(__AVX512F__)
+constexpr int L = 16;
+using V = __m512;
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int L = 8;
+using V = __m256;
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+#error "pdx's gemv needs AVX-512, or AVX2 with FMA"
+#endif
+
+// L weights widened to fp32 lanes.
 struct Bf16 {  // a bf16 is the top half of an fp32
   using T = uint16_t;
-  static inline __m512 widen(const T* p) {
+#if defined(__AVX512F__)
+  static inline V widen(const T* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
+#else
+  static inline V widen(const T* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+#endif
   static inline float one(T v) { return __builtin_bit_cast(float, uint32_t(v) << 16); }
 };
 struct Int8 {
   using T = int8_t;
-  static inline __m512 widen(const T* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-  }
+#if defined(__AVX512F__)
+  static inline V widen(const T* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+#else
+  static inline V widen(const T* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+#endif
   static inline float one(T v) { return float(v); }
 };
 
+// y[r, n] = scale[n] * sum_k x[r, k] * w[n, k] for r in [0, RB): the weight row is read from memory
+// once, widened L lanes at a time, and multiplied into RB rows of x.
 template <class W, int RB>
 static void block(const float* x, const typename W::T* wn, float scale, float* y, int64_t K, int64_t N) {
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+  V acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = vzero();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv = W::widen(wn + k);
-    for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k), acc[r]);
+  for (; k + L <= K; k += L) {
+    V wv = W::widen(wn + k);
+    for (int r = 0; r < RB; ++r) acc[r] = vfma(wv, vload(x + r * K + k), acc[r]);
   }
   for (int r = 0; r < RB; ++r) {
-    float s = _mm512_reduce_add_ps(acc[r]);
+    float s = vsum(acc[r]);
     for (int64_t j = k; j < K; ++j) s += x[r * K + j] * W::one(wn[j]);
     y[r * N] = s * scale;
   }

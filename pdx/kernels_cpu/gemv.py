@@ -7,7 +7,7 @@ XLA CPU multiplies such a weight by a few rows of activations at 1-2 GB/s (its b
 upcast copy), so decode at batch 1-8 gained nothing from smaller weights. `gemv.cc` streams the
 weight at memory bandwidth instead (fp32 math on the weight's values: the result is the fp32
 product up to summation order). It is C++ built with the system compiler (`$CXX`, else `c++`) the
-first time it is needed, for this CPU (`-march=native`, AVX-512 required), into
+first time it is needed, for this CPU (`-march=native`; AVX-512, or AVX2 with FMA), into
 `<PDX_CACHE_DIR>/kernels/` (a per-process temporary directory when caching is off), and registered
 as XLA FFI targets.
 
@@ -65,8 +65,9 @@ def _plan() -> tuple[str | None, str]:
         return None, "turned off by PDX_CPU_KERNELS"
     if jax.default_backend() != "cpu":
         return None, f"the backend is {jax.default_backend()}, not cpu"
-    if "avx512f" not in _cpu_flags():
-        return None, "this CPU lacks AVX-512"
+    flags = _cpu_flags()
+    if "avx512f" not in flags and not {"avx2", "fma"} <= flags:
+        return None, "this CPU has neither AVX-512 nor AVX2 with FMA"
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler ($CXX or c++) on PATH"

@@ -7,6 +7,7 @@ the matmul runs on the dequantized weight and the per-channel scale multiplies i
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,14 @@ class QuantizedWeight:
     def dequantized_einsum(self, eq: str, x: jax.Array) -> jax.Array:
         """`einsum(eq, x, w)`; the weight's output channel must be the result's last axis. Up to
         `gemv.MAX_ROWS` rows on CPU run pdx's int8 gemv, which reads the int8 bytes; otherwise the
-        weight goes through `layers.dense` as bf16 (exact for int8; fp32 activations then multiply
-        in bf16 with fp32 accumulation) and the scale multiplies the output."""
+        weight goes through `layers.dense` in the activation dtype, except that more than
+        `gemv.MAX_ROWS` fp32 rows (prefill) take it as bf16 (exact for int8; the activations then
+        multiply in bf16 with fp32 accumulation, on the GEMM), and the scale multiplies the output.
+        So decode-sized products keep fp32 numerics whether or not the kernel can run here."""
         if gemv.applies(x, self.q):
             return gemv.gemv_int8(x, self.q, self.scale)
-        w = self.q.astype(jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype)  # bf16 holds every int8 exactly
+        wide = x.dtype == jnp.float32 and math.prod(x.shape[:-1]) > gemv.MAX_ROWS
+        w = self.q.astype(jnp.bfloat16 if wide else x.dtype)  # bf16 holds every int8 exactly
         return dense(eq, x, w) * self.scale.astype(x.dtype)
 
     def rows(self, ids: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdx.kernels_cpu import gemv
 from pdx.models import transformer as tf
 from pdx.models.quant import QuantizedWeight, quantize_int8, quantize_params
 
@@ -18,6 +19,20 @@ def test_per_channel_error_is_within_half_a_step():
     np.testing.assert_allclose(np.asarray(qw.dequantized_einsum("btd,fd->btf", x)),
                                np.asarray(jnp.einsum("btd,fd->btf", x, deq)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(qw.rows(jnp.array([3, 0]))), np.asarray(deq[jnp.array([3, 0])]))
+
+
+def test_decode_rows_keep_fp32_and_prefill_rows_multiply_in_bf16():
+    w = jax.random.normal(jax.random.PRNGKey(0), (32, 48))
+    qw = quantize_int8(w)
+    deq = qw.q.astype(jnp.float32) * qw.scale[:, None]
+    for rows, tol in [(gemv.MAX_ROWS, 1e-5), (gemv.MAX_ROWS + 1, 3e-2)]:
+        x = jax.random.normal(jax.random.PRNGKey(rows), (rows, 48))
+        got, want = np.asarray(qw.dequantized_einsum("td,fd->tf", x)), np.asarray(x @ deq.T)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    x16 = jax.random.normal(jax.random.PRNGKey(1), (gemv.MAX_ROWS + 1, 48))
+    bf16 = np.asarray(jnp.einsum("td,fd->tf", x16.astype(jnp.bfloat16), qw.q.astype(jnp.bfloat16),
+                                 preferred_element_type=jnp.float32) * qw.scale)
+    np.testing.assert_allclose(np.asarray(qw.dequantized_einsum("td,fd->tf", x16)), bf16, rtol=1e-5, atol=1e-5)
 
 
 def test_quantized_model_tracks_fp32(tiny_cfg):
