@@ -73,7 +73,8 @@ SAMPLING = {
     "max_new_tokens": Option("int", ge=1), "temperature": Option("float", ge=0), "top_k": Option("int", ge=0),
     "top_p": Option("float", gt=0, le=1), "min_p": Option("float", ge=0, lt=1),
     "repetition_penalty": Option("float", gt=0), "stop_token_ids": Option("int_list", ge=0, nullable=True),
-    "seed": Option("int"), "prefill_chunk": Option("int", ge=1), "max_len": Option("int", ge=1, nullable=True),
+    "seed": Option("int"), "prefill_chunk": Option("int", ge=1, nullable=True),
+    "max_len": Option("int", ge=1, nullable=True),
 }
 SPECULATIVE = {k: v for k, v in SAMPLING.items() if k != "repetition_penalty"}  # penalties break losslessness
 DRAFT_K = Option("int", ge=1, le=64)

@@ -83,6 +83,20 @@ def test_one_compile_per_bucket(tiny_model):
     assert a.stats["forward_passes"] == a.stats["prefill_chunks"] + a.stats["decode_steps"]
 
 
+@pytest.mark.parametrize("longest, chunk", [(3, 16), (16, 16), (17, 32), (40, 64), (200, 64)])
+def test_default_prefill_chunk_is_the_smallest_bucket_holding_the_prompt(tiny_cfg_module, longest, chunk):
+    assert ar.make_plan(tiny_cfg_module, [[1] * longest, [1]], 8, None).prefill_chunk == chunk
+    assert ar.make_plan(tiny_cfg_module, [[1] * longest], 8, 8).prefill_chunk == 8  # an explicit chunk is kept
+
+
+def test_chunk_size_does_not_change_the_tokens(tiny_model):
+    prompt = [(7 * i) % 120 + 3 for i in range(20)]
+    default = ar.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[])  # one 32-token chunk
+    small = ar.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[], prefill_chunk=8)
+    assert (default.stats["prefill_chunks"], small.stats["prefill_chunks"]) == (1, 3)
+    assert default.row(0) == small.row(0)
+
+
 def test_attention_impl_is_part_of_the_compile_key(tiny_model):
     """The kernels' path is read at trace time: a switch compiles anew (and retraces), the same path reuses."""
     from pdx.kernels_pallas import use_impl
