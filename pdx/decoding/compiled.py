@@ -17,7 +17,7 @@ from collections import Counter
 import jax
 
 from pdx.decoding import executable_cache
-from pdx.kernels_cpu import gemv
+from pdx.kernels_cpu import library
 from pdx.kernels_pallas import get_impl
 
 _EXECUTABLES: dict = {}
@@ -33,10 +33,10 @@ def run(fn, statics: dict, *args):
     """`fn(*args, **statics)` through the cache; returns (outputs, seconds spent compiling).
 
     The attention implementation (`pdx.kernels_pallas.set_impl`) and whether pdx's CPU gemv is on
-    (`pdx.kernels_cpu.gemv`, registered before a stored executable that may call it loads) are
+    (`pdx.kernels_cpu.library`, registered before a stored executable that may call it loads) are
     read at trace time, so they are part of the key, and a switch retraces (`fn`'s own trace cache is
     keyed without them)."""
-    kernels = gemv.mode()
+    kernels = library.mode()
     impl = f"{get_impl()}|{kernels}"
     signature = _signature(args)
     key = (fn, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature, impl)
@@ -46,7 +46,7 @@ def run(fn, statics: dict, *args):
         t0 = time.perf_counter()
         stored = executable_cache.entry_path(fn, statics, signature, impl)
         if stored and kernels != "off" and os.path.exists(stored):
-            gemv.available()  # registers the FFI target a stored executable may call
+            library.available()  # registers the FFI targets a stored executable may call
         exe = executable_cache.load(stored) if stored else None
         if exe is None:
             if any(k[0] is fn and k[1:3] == key[1:3] for k in _EXECUTABLES):  # same program, other impl

@@ -5,40 +5,11 @@
 // XLA CPU has no fast bf16 or int8 gemv: its dot of a few rows, or an upcast weight, streams
 // 1-2 GB/s, so decode read such weights as an fp32 copy. Here each weight row is read once, widened
 // to fp32 in registers and multiplied into up to 4 rows of x with fp32 FMAs (AVX-512 or AVX2), the output
-// rows split over XLA's intra-op thread pool. Built by `pdx.kernels_cpu.gemv`.
+// rows split over XLA's intra-op thread pool. Built by `pdx.kernels_cpu.library`.
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
-
-// One SIMD register of fp32 lanes: AVX-512 (16) where the CPU has it, else AVX2 with FMA (8).
-#if defined(__AVX512F__)
-constexpr int L = 16;
-using V = __m512;
-static inline V vzero() { return _mm512_setzero_ps(); }
-static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int L = 8;
-using V = __m256;
-static inline V vzero() { return _mm256_setzero_ps(); }
-static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(V a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#else
-#error "pdx's gemv needs AVX-512, or AVX2 with FMA"
-#endif
 
 // L weights widened to fp32 lanes.
 struct Bf16 {  // a bf16 is the top half of an fp32
@@ -98,20 +69,10 @@ static void rows(const float* x, const typename W::T* w, const float* scale, flo
   }
 }
 
-// The output rows [0, N) are split into one contiguous range per pool thread; the caller takes the first.
 template <class W>
 static ffi::Error run(ffi::ThreadPool& pool, const float* xp, const typename W::T* wp, const float* sp, float* yp,
                       int64_t R, int64_t K, int64_t N) {
-  int64_t T = std::max<int64_t>(1, pool.num_threads());
-  T = std::min<int64_t>(T, std::max<int64_t>(1, N / 64));
-  std::atomic<int64_t> left(T - 1);
-  int64_t per = (N + T - 1) / T;
-  for (int64_t t = 1; t < T; ++t) {
-    int64_t a = t * per, b = std::min(N, a + per);
-    pool.Schedule([=, &left] { rows<W>(xp, wp, sp, yp, R, K, N, a, b); left.fetch_sub(1, std::memory_order_release); });
-  }
-  rows<W>(xp, wp, sp, yp, R, K, N, 0, std::min(N, per));
-  while (left.load(std::memory_order_acquire) > 0) _mm_pause();
+  parallel_for(pool, N, 64, [=](int64_t a, int64_t b) { rows<W>(xp, wp, sp, yp, R, K, N, a, b); });
   return ffi::Error::Success();
 }
 

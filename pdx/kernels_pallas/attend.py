@@ -5,7 +5,9 @@ Keys come in two segments that share one softmax: the cache (slot s holds positi
 models' original code (`masks.visibility` + `gqa.attention` over the two segments). The Pallas
 path runs flash attention over the new tokens and decode attention (few rows) or flash attention
 (many rows) over the cache, each returning its softmax partial, and merges them by log-sum-exp,
-so the cache is never copied to concatenate it with the new keys.
+so the cache is never copied to concatenate it with the new keys. On CPU a causal decode step over
+a cache that holds its token runs `pdx.kernels_cpu.decode_attention` (the live slots only) where
+that library is available.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 from pdx import masks
 from pdx.errors import require
+from pdx.kernels_cpu import decode_attention as cpu_attention
 from pdx.kernels_pallas import _core, decode_attention, flash_attention, gqa
 from pdx.masks import MaskMode
 
@@ -49,6 +52,8 @@ def attend(
         live = lengths + valid.sum(-1, dtype=lengths.dtype)
         if path == "reference" and q.shape[1] > 1:  # prefill chunks, verify steps: the live blocks only
             return gqa.attention_live(q, ck, cv, q_pos, live, mode, window)  # (one decode row: a loop costs more)
+        if path == "reference" and mode.kind == "causal" and cpu_attention.applies(q, ck):  # a CPU decode step
+            return cpu_attention.decode_attention(q[:, 0], ck, cv, q_pos[:, 0], live, window)[:, None]
         slot_pos, slot_valid = decode_attention.slots(live, ck.shape[2])
         if path == "reference":
             return gqa.attention(q, [(ck, cv, masks.visibility(q_pos, slot_pos, slot_valid, mode, window))])

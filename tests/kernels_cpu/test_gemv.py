@@ -11,10 +11,10 @@ import pytest
 from jax import lax
 
 from pdx.errors import InvalidInputError
-from pdx.kernels_cpu import gemv
+from pdx.kernels_cpu import gemv, library
 from pdx.models import layers, quant
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason=f"CPU gemv unavailable: {gemv.reason()}")
+pytestmark = pytest.mark.skipif(not library.available(), reason=f"CPU kernels unavailable: {library.reason()}")
 
 
 def _operands(lead, k, n, seed=0):
@@ -91,14 +91,14 @@ def test_dense_uses_them_for_few_rows(rows, uses):
 
 
 def test_turned_off_by_the_environment():
-    code = "from pdx.kernels_cpu import gemv; print(gemv.available(), gemv.reason(), gemv.mode())"
+    code = "from pdx.kernels_cpu import library; print(library.available(), library.reason(), library.mode())"
     env = {**os.environ, "PDX_CPU_KERNELS": "0", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False turned off by PDX_CPU_KERNELS off"
 
 
 def test_the_library_is_built_once_per_cache(tmp_path):
-    code = "from pdx.kernels_cpu import gemv; assert gemv.available(); print(gemv._build()[0])"
+    code = "from pdx.kernels_cpu import library; assert library.available(); print(library._build()[0])"
     env = {**os.environ, "PDX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     env.pop("PDX_NO_CACHE", None)
     paths = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
