@@ -32,7 +32,7 @@ def _signature(args) -> tuple:
 def run(fn, statics: dict, *args):
     """`fn(*args, **statics)` through the cache; returns (outputs, seconds spent compiling).
 
-    The attention implementation (`pdx.kernels_pallas.set_impl`) and whether pdx's CPU gemv is on
+    The attention implementation (`pdx.kernels_pallas.set_impl`) and whether pdx's CPU kernels are on
     (`pdx.kernels_cpu.library`, registered before a stored executable that may call it loads) are
     read at trace time, so they are part of the key, and a switch retraces (`fn`'s own trace cache is
     keyed without them)."""

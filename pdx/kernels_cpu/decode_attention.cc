@@ -34,9 +34,9 @@ static void attend_one(const float* q, const float* k, const float* v, float* ou
     float* row = scores.data() + g * np;
     V m = vset(-1e30f);
     for (int64_t s = 0; s < np; s += L) m = vmax(m, vload(row + s));
-    V mx = vset(vhmax(m)), t = vzero();
+    V neg_max = vset(-vhmax(m)), t = vzero();
     for (int64_t s = 0; s < np; s += L) {
-      V p = vexp(vadd(vload(row + s), vmul(mx, vset(-1.0f))));
+      V p = vexp(vadd(vload(row + s), neg_max));
       vstore(row + s, p);
       t = vadd(t, p);
     }

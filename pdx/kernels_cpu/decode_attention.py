@@ -53,6 +53,5 @@ def reference(q, k, v, q_pos, live, window) -> jax.Array:
     seen = (slot < live[:, None]) & (slot <= q_pos[:, None]) & ((window <= 0) | (q_pos[:, None] - slot < window))
     qg = q.reshape(b, kv, n // kv, h) / math.sqrt(h)
     s = jnp.where(seen[:, None, None], jnp.einsum("bkgh,bksh->bkgs", qg, k), -jnp.inf)
-    p = jnp.where(seen[:, None, None], jax.nn.softmax(s, axis=-1), 0.0)
-    p = jnp.nan_to_num(p)
+    p = jnp.where(seen[:, None, None], jax.nn.softmax(s, axis=-1), 0.0)  # a row that sees nothing: NaN -> 0
     return jnp.einsum("bkgs,bksh->bkgh", p, v).reshape(b, n, h)
