@@ -85,13 +85,13 @@ def cmd_generate(args) -> None:
     strategy = registry.get(args.strategy)
     sampling = strategy_options(args)
     texts = read_prompts(args)
-    cache = False if args.no_cache else None  # None: the settings decide (PDX_NO_CACHE)
-    if not args.no_cache:
-        settings.enable_compilation_cache()  # a second run of the same shape bucket compiles nothing
-    model = load_model(args.model, dtype=args.dtype, cache=cache)
+    if args.no_cache:  # process-wide, so every cache user sees it: weights, programs, the CPU kernels' build
+        os.environ["PDX_NO_CACHE"] = "1"
+    settings.enable_compilation_cache()  # a second run of the same shape bucket compiles nothing
+    model = load_model(args.model, dtype=args.dtype)
     for name, value in sampling.items():
         if _model_path(args.strategy, name, value):
-            sampling[name] = load_model(value, dtype=args.dtype, cache=cache)
+            sampling[name] = load_model(value, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
         raise InvalidInputError(f"{model.source} has no tokenizer; pdx generate needs one to read text prompts")
