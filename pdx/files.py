@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 
@@ -18,3 +19,21 @@ def atomic_write(path: str, data: bytes | str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_dir(path: str, write) -> None:
+    """Call `write(tmp)` on a fresh temporary sibling directory of `path`, then rename it into place: a
+    reader sees the old directory or the new one, and a crash leaves only a `.tmp-` sibling behind."""
+    path = os.path.abspath(path)
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

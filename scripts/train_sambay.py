@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from pdx.files import atomic_dir
 from pdx.models import sambay as sb
 from pdx.models import transformer as tf
 
@@ -76,19 +76,6 @@ def val_loss(evaluate, params, val: np.ndarray, seq: int, windows: int = 64) -> 
     n = min(windows, (len(val) - 1) // seq) // 8 * 8
     w = np.stack([val[i * seq : i * seq + seq + 1] for i in range(n)])
     return float(np.mean([evaluate(params, jnp.asarray(w[i : i + 8])) for i in range(0, n, 8)]))
-
-
-def atomic_dir(path: str, write) -> None:
-    """Call `write(tmp)` on a fresh temporary sibling of `path`, then rename it into place."""
-    path = os.path.abspath(path)
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):

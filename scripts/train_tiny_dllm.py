@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                                        stratified_t=(attention, name) in STRATIFIED,
                                        count_masking=(attention, name) in COUNT_MASKING)
             t0 = time.time()
-            params, losses = diffusion.train(TINY, tc, lambda rng, n, _name=name: tasks.sample(rng, n, (_name,)),
+            params, losses = diffusion.train(TINY, tc, lambda rng, n, _g, _name=name: tasks.sample(rng, n, (_name,)),
                                              tasks.PROMPT_LEN, tasks.GEN_LEN, tasks.EOS, tasks.PAD)
             meta = dict(attention=attention, block_size=BLOCK, task=name, prompt_len=tasks.PROMPT_LEN,
                         gen_len=tasks.GEN_LEN, train=dataclasses.asdict(tc), train_s=round(time.time() - t0, 1),

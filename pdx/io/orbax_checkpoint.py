@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 
 from pdx.errors import ModelLoadError
+from pdx.files import atomic_dir
 from pdx.models import transformer
 from pdx.models.layers import RopeScaling
 
@@ -36,19 +36,14 @@ def save(path: str | os.PathLike, params: dict, cfg: transformer.Config, meta: d
     """Write `params` (orbax) and `meta.json` (config + `meta`) to `path`, replacing it atomically."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(os.fspath(path))
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(tmp, "params"), jax.device_get(params))
-        ckpt.wait_until_finished()
-    with open(os.path.join(tmp, META), "w") as f:
-        json.dump({"config": config_to_json(cfg), **meta}, f, indent=1)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(tmp: str) -> None:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, "params"), jax.device_get(params))
+            ckpt.wait_until_finished()
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"config": config_to_json(cfg), **meta}, f, indent=1)
+
+    atomic_dir(os.fspath(path), write)
 
 
 def load(path: str | os.PathLike) -> tuple[dict, transformer.Config, dict]:

@@ -143,22 +143,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def byte_level(eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
-    """The tokenizer of byte-level models (pdx's tiny SambaY and transformer): id = UTF-8 byte value."""
+def byte_level(eos_token_ids: tuple[int, ...] = (), specials: tuple[str, ...] = ()) -> Tokenizer:
+    """The tokenizer of byte-level models (pdx's tiny SambaY and transformer, the code models): id = UTF-8
+    byte value; `specials` (e.g. an EOS and a mask token) take ids 256, 257, ... in order."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {c: b for b, c in _bytes_to_unicode().items()}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend=backend, eos_token_ids=tuple(eos_token_ids))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return Tokenizer(backend=backend, eos_token_ids=tuple(eos_token_ids),
+                     special_tokens={t: 256 + i for i, t in enumerate(specials)})
 
 
-def save_byte_level(directory: str | os.PathLike, eos_token_ids: tuple[int, ...] = ()) -> None:
-    """Write `byte_level()`'s `tokenizer.json` and a `tokenizer_config.json` naming the EOS byte into a
+def save_byte_level(directory: str | os.PathLike, eos_token_ids: tuple[int, ...] = (),
+                    specials: tuple[str, ...] = ()) -> None:
+    """Write `byte_level()`'s `tokenizer.json` and a `tokenizer_config.json` naming the EOS token into a
     checkpoint directory (each file replaced atomically), so `pdx.load_model(directory)` has a tokenizer."""
-    tok = byte_level(eos_token_ids)
+    tok = byte_level(eos_token_ids, specials)
     files = {"tokenizer.json": tok.backend.to_str()}
     if eos_token_ids:
         files["tokenizer_config.json"] = json.dumps({"eos_token": tok.token_text(eos_token_ids[0])})

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pdx.errors import require
 from pdx.masks import BIDIRECTIONAL, MaskMode
 from pdx.models import transformer
+from pdx.train import loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,42 +92,55 @@ def loss_fn(params, cfg: transformer.Config, tc: TrainConfig, tokens, valid, key
     return jnp.sum(jnp.where(scored, ce, 0.0) / t[:, None]) / (gen.shape[0] * per_row)
 
 
-def optimizer(tc: TrainConfig):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup, tc.steps // 2), tc.steps, tc.lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=tc.weight_decay))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "prompt_len"), donate_argnums=(0, 1))
 def train_step(params, opt_state, cfg, tc: TrainConfig, tokens, valid, key, prompt_len: int):
     loss, grads = jax.value_and_grad(loss_fn)(params, cfg, tc, tokens, valid, key, prompt_len)
-    updates, opt_state = optimizer(tc).update(grads, opt_state, params)
+    updates, opt_state = loop.optimizer(tc).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, gen_len: int, eos: int, pad: int,
-          params=None, progress: bool = True):
-    """Train from `params` (random init if None) on batches `data_fn(rng, batch) -> [(prompt, answer)]`.
-    Returns (params, losses [steps])."""
-    from tqdm import tqdm
+def validate(tc: TrainConfig, prompt_len: int, gen_lens: tuple[int, ...]) -> None:
+    """Raise `InvalidInputError` for options no training run can use, before anything compiles."""
+    require(tc.steps >= 1, f"steps must be positive, got {tc.steps}")
+    require(tc.batch >= 1, f"batch must be positive, got {tc.batch}")
+    require(tc.lr > 0, f"lr must be positive, got {tc.lr}")
+    require(tc.attention in ("bidirectional", "block_causal"),
+            f"attention must be 'bidirectional' or 'block_causal', got {tc.attention!r}")
+    require(all(g >= 1 for g in gen_lens), f"generation lengths must be positive, got {gen_lens}")
+    if tc.attention == "block_causal":
+        for n in (prompt_len, *gen_lens):
+            require(tc.block_size >= 1 and n % tc.block_size == 0,
+                    f"block_size {tc.block_size} must divide the prompt and generation lengths "
+                    f"({prompt_len}, {gen_lens})")
 
+
+def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, gen_len: int | tuple[int, ...],
+          eos: int, pad: int, params=None, progress: bool = True, checkpoint_dir: str | None = None,
+          save_every: int = 100):
+    """Train from `params` (random init if None) on batches `data_fn(rng, batch, gen_len) -> [(prompt, answer)]`;
+    a tuple of generation lengths takes them in turn, one per step (one compiled step each). With
+    `checkpoint_dir` the run saves its state there and resumes from it (`pdx.train.loop`).
+    Returns (params, losses [steps])."""
+    gen_lens = (gen_len,) if isinstance(gen_len, int) else tuple(gen_len)
+    validate(tc, prompt_len, gen_lens)
     key = jax.random.PRNGKey(tc.seed)
     if params is None:
         params = transformer.init_params(cfg, jax.random.fold_in(key, 2**31))
-    opt_state = optimizer(tc).init(params)
-    rng = np.random.default_rng(tc.seed)
-    losses = []
-    bar = tqdm(range(tc.steps), disable=not progress, desc=f"train {tc.attention}")
-    for step in bar:
-        tokens, valid = canvas(data_fn(rng, tc.batch), prompt_len, gen_len, eos, pad)
-        params, opt_state, loss = train_step(params, opt_state, cfg, tc, jnp.asarray(tokens), jnp.asarray(valid),
-                                             jax.random.fold_in(key, step), prompt_len)
-        losses.append(float(loss))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    return params, np.array(losses)
+
+    def batch_fn(rng, step):
+        g = gen_lens[step % len(gen_lens)]
+        return tuple(map(jnp.asarray, canvas(data_fn(rng, tc.batch, g), prompt_len, g, eos, pad)))
+
+    def step_fn(params, opt_state, batch, key, step):
+        return train_step(params, opt_state, cfg, tc, *batch, key, prompt_len)
+
+    return loop.fit(params, loop.optimizer(tc), step_fn, batch_fn, steps=tc.steps, seed=tc.seed,
+                    checkpoint_dir=checkpoint_dir, save_every=save_every, progress=progress,
+                    desc=f"train {tc.attention}")
 
 
-def plot_losses(curves: dict[str, np.ndarray], path: str, window: int = 50) -> None:
+def plot_losses(curves: dict[str, np.ndarray], path: str, window: int = 50, title: str = "tiny dLLM training",
+                ylabel: str = "masked-diffusion loss (1/t weighted)") -> None:
     """Loss curves (moving average over `window` steps) to a PNG."""
     import matplotlib
 
@@ -134,9 +149,10 @@ def plot_losses(curves: dict[str, np.ndarray], path: str, window: int = 50) -> N
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, losses in curves.items():
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(len(smooth)) + window, smooth, label=name)
-    ax.set(xlabel="step", ylabel="masked-diffusion loss (1/t weighted)", yscale="log", title="tiny dLLM training")
+        w = min(window, len(losses))
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(len(smooth)) + w, smooth, label=name)
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

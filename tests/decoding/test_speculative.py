@@ -143,6 +143,7 @@ def test_bad_input(target):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), repetition_penalty=1.2)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes on CI
 def test_layer_skip_calibration_picks_the_best_single_layer(target):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 3, 4, 12]]
     chosen = drafters.calibrate_layer_skip(target, prompts, 1)

@@ -41,6 +41,7 @@ def test_greedy_identical_to_ar_tiny(target, kind):
     assert out.stats["accepted"] > 0
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes on CI
 def test_tree_greedy_self_and_random_draft(target):
     """The target drafting its own tree accepts the whole top path; a random draft (same config, so the
     same compiled program) still gives AR's output; other prompts, seed and stop ids do not recompile."""

@@ -123,6 +123,7 @@ def test_prefill_then_decode_matches_full_forward(tiny_cfg, window):
     assert cache.lengths.tolist() == [n + m] * 2
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes on CI
 def test_cache_rows_of_different_lengths(tiny_cfg):
     """Right-padded prefill (lengths advance by valid tokens), then decode: each row matches its own full forward."""
     params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)

@@ -14,7 +14,7 @@ from pdx.errors import ModelLoadError
 from pdx.io import orbax_checkpoint as checkpoint
 from pdx.masks import MaskMode
 from pdx.models import transformer as tf
-from pdx.train import diffusion, tasks
+from pdx.train import diffusion, loop, tasks
 
 CFG = tf.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                 num_kv_heads=2, head_dim=16, mask_token_id=tasks.MASK, eos_token_ids=(tasks.EOS,), pad_token_id=0)
@@ -106,7 +106,7 @@ def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention):
 
 def test_training_reduces_loss():
     tc = diffusion.TrainConfig(steps=60, batch=16, lr=3e-3, warmup=10)
-    _, losses = diffusion.train(CFG, tc, lambda rng, n: tasks.sample(rng, n, ("copy",)), tasks.PROMPT_LEN,
+    _, losses = diffusion.train(CFG, tc, lambda rng, n, _g: tasks.sample(rng, n, ("copy",)), tasks.PROMPT_LEN,
                                 tasks.GEN_LEN, tasks.EOS, tasks.PAD, progress=False)
     assert losses[-15:].mean() < 0.8 * losses[:15].mean()  # from ~3.6 (uniform over 48 ids) to ~2.6
 
@@ -151,7 +151,7 @@ def test_solved_scores_a_decoded_row_with_or_without_its_eos():
 
 
 def test_optimizer_schedule_warms_up():
-    opt = diffusion.optimizer(diffusion.TrainConfig(steps=100, warmup=10, lr=1e-2))
+    opt = loop.optimizer(diffusion.TrainConfig(steps=100, warmup=10, lr=1e-2))
     params = {"w": jnp.ones(3)}
     state = opt.init(params)
     updates, _ = opt.update({"w": jnp.ones(3)}, state, params)
