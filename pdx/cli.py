@@ -1,4 +1,4 @@
-"""`pdx` command line: generate | strategies | bench | eval."""
+"""`pdx` command line: generate | strategies | bench | eval | train."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _available(kind: str) -> list[str]:
 
 
 def _run_script(kind: str, name: str, argv: list[str]) -> None:
-    """`pdx bench NAME` / `pdx eval NAME` run the shipped `scripts/{kind}_{NAME}.py`."""
+    """`pdx bench|eval|train NAME` run the shipped `scripts/{kind}_{NAME}.py`."""
     path = os.path.join(_scripts_dir(), f"{kind}_{name}.py")
     if not os.path.isfile(path):
         raise InvalidInputError(f"no {kind} named {name!r}; available: {', '.join(_available(kind))}")
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_strategies)
 
     for kind, about in (("bench", "run a benchmark (scripts/bench_NAME.py)"),
-                        ("eval", "run an evaluation (scripts/eval_NAME.py)")):
+                        ("eval", "run an evaluation (scripts/eval_NAME.py)"),
+                        ("train", "train a model, resumably (scripts/train_NAME.py)")):
         p = sub.add_parser(kind, help=about, description=f"{about}; available: {', '.join(_available(kind))}")
         p.add_argument("name", help=f"one of: {', '.join(_available(kind))}")
         p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")

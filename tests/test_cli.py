@@ -55,6 +55,8 @@ def test_strategies_lists_ar(capsys):
     (["generate"], "give a prompt"),
     (["generate", "--prompt", "x", "--option", "novalue"], "key=value"),
     (["bench", "nothing-here"], "no bench named 'nothing-here'"),
+    (["train", "nothing-here"], "no train named 'nothing-here'"),
+    (["train", "code_dllm", "--model", "ar", "--data", "/nonexistent-pdx-data"], "does not exist"),
 ])
 def test_errors_exit_2_with_message(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -179,6 +181,15 @@ def test_bench_help_lists_benchmarks_and_scripts_name_themselves(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "commits", "--help"])
     assert capsys.readouterr().out.startswith("usage: pdx bench commits")
+
+
+def test_train_lists_and_runs_the_training_scripts(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "code_dllm, sambay, tiny_dllm" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "code_dllm", "--help"])
+    assert capsys.readouterr().out.startswith("usage: pdx train code_dllm")
 
 
 def test_schema_refuses_what_was_silently_accepted():
