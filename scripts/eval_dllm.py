@@ -1,14 +1,22 @@
-"""Accuracy vs NFE and wall-clock of the dLLM decoders on the tiny trained dLLMs (held-out task instances).
+"""Accuracy vs NFE and wall-clock of the dLLM decoders: the synthetic suite and the code workload, one table.
 
-For each task of the synthetic suite (pdx/train/tasks.py), on its own tiny model, and each decoding
-setting: LLaDA with 1 token per step (the baseline, in 16-token blocks and in one block over the whole answer) and
-with fewer fixed steps, Fast-dLLM threshold / factor decoding with no cache, prefix cache and dual cache, on the
-bidirectional model, and the exact caches on the
-block-diffusion model. NFE per token counts each row's forward passes (what the row would cost
-alone) over its generated tokens (up to and including EOS). Writes JSON, a markdown table and an
-accuracy-vs-NFE plot under bench/.
+Synthetic (pdx/train/tasks.py, held-out instances, each task on its own tiny model in
+checkpoints/tiny_dllm): LLaDA at 1 token per step (the baseline, in 16-token blocks and in one block
+over the answer) and with fewer fixed steps, Fast-dLLM threshold / factor decoding with no cache,
+prefix cache and dual cache; the exact caches on the block-diffusion models. Accuracy: exact match.
 
-    nice -n 10 python scripts/eval_dllm.py [--n 200] [--ckpt checkpoints/tiny_dllm] [--out bench/dllm_eval]
+Code (checkpoints/code_dllm, scripts/train_code_dllm.py): held-out standard-library functions (def
+line through docstring) completed with 256 and 512 bytes, the reference (one byte per step) and
+Fast-dLLM's threshold rule without and with the caches. Accuracy: byte agreement with the reference's
+output; also whole-sequence agreement and the share of completions `ast.parse` accepts once closed at
+a line boundary (`code_data.completion_parses`).
+
+NFE per token counts each row's forward passes (what the row would cost alone) over its generated
+tokens (up to and including EOS); tokens/s are decode wall-clock (compilation excluded) at --batch
+rows per call and, for the first --n1 instances, one row alone. Writes JSON, a markdown table and per
+workload a plot of accuracy against NFE and against tokens/s under bench/.
+
+    nice -n 10 python scripts/eval_dllm.py [--workloads synthetic,code] [--n 200] [--code-n 16] [--out bench/dllm_eval]
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 import pdx
 from pdx.decoding.diffusion import fast_dllm, llada
-from pdx.train import tasks
+from pdx.errors import InvalidInputError
+from pdx.files import atomic_write
+from pdx.train import code_data, tasks
 
 BLOCK = 16
+CODE_PROMPT, CODE_BLOCK = 128, 32  # the code dLLMs' training layout (scripts/train_code_dllm.py)
 
 
 def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
@@ -49,58 +59,122 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
     return out
 
 
-def evaluate(models: dict, n: int, runs, gen: int) -> list[dict]:
-    """Every setting on every task, each task on its own model (`models[task]`)."""
+def decode(fn, model, prompts, gen: int, options: dict, batch: int, bucket: int) -> dict:
+    """Decode `prompts` in batches of `batch` (one compiled program): tokens [N, G], lengths [N],
+    row_nfe [N] and the summed decode and compile seconds."""
+    parts = [fn(model, prompts[i : i + batch], max_new_tokens=gen, prompt_bucket=bucket, **options)
+             for i in range(0, len(prompts), batch)]
+    return dict(tokens=np.concatenate([r.tokens for r in parts]), lengths=np.concatenate([r.lengths for r in parts]),
+                row_nfe=np.concatenate([r.stats["row_nfe"] for r in parts]),
+                decode_s=sum(r.stats["decode_s"] for r in parts), compile_s=sum(r.stats["compile_s"] for r in parts))
+
+
+def speed(fn, model, prompts, gen: int, options: dict, batch: int, n1: int, bucket: int):
+    """Every prompt decoded at `batch` and the first `n1` alone: (the batched decode, speed columns)."""
+    out = decode(fn, model, prompts, gen, options, batch, bucket)
+    alone = decode(fn, model, prompts[:n1], gen, options, 1, bucket) if n1 else None
+    tokens, nfe = int(out["lengths"].sum()), float(out["row_nfe"].sum())
+    cols = dict(nfe_per_token=nfe / tokens, tokens_per_forward=tokens / nfe, decode_s=round(out["decode_s"], 3),
+                compile_s=round(out["compile_s"] + (alone["compile_s"] if alone else 0), 2),
+                tokens_per_s=round(tokens / out["decode_s"], 1),
+                tokens_per_s_b1=round(int(alone["lengths"].sum()) / alone["decode_s"], 1) if alone else None)
+    return out, cols
+
+
+def evaluate(models: dict, n: int, runs, gen: int, batch: int, n1: int) -> list[dict]:
+    """Every setting on every synthetic task, each task on its own model (`models[task]`): exact match."""
     rows = []
     data = {name: tasks.held_out(name, n) for name in models}
     for label, family, fn, options in runs:
         for name, model in models.items():
             prompts = [p for p, _ in data[name]]
-            t0 = time.perf_counter()
-            result = fn(model, prompts, max_new_tokens=gen, prompt_bucket=tasks.PROMPT_LEN, **options)
-            wall = time.perf_counter() - t0
-            correct = [tasks.solved(name, p, result.row(i)) for i, p in enumerate(prompts)]
-            tokens = int(result.lengths.sum())
-            rows.append(dict(setting=label, family=family, task=name, easy=tasks.TASKS[name].easy,
-                             accuracy=100.0 * float(np.mean(correct)),
-                             nfe_per_token=float(np.sum(result.stats["row_nfe"]) / tokens),
-                             tokens_per_forward=float(tokens / np.sum(result.stats["row_nfe"])),
-                             batch_nfe=result.stats["nfe"], decode_s=round(result.stats["decode_s"], 3),
-                             compile_s=round(result.stats["compile_s"], 2), wall_s=round(wall, 3),
-                             tokens_per_s=round(tokens / result.stats["decode_s"], 1)))
+            out, cols = speed(fn, model, prompts, gen, options, batch, n1, tasks.PROMPT_LEN)
+            done = [out["tokens"][i, :k].tolist() for i, k in enumerate(out["lengths"])]
+            rows.append(dict(workload="synthetic", setting=label, family=family, task=name, easy=tasks.TASKS[name].easy,
+                             accuracy=100.0 * float(np.mean([tasks.solved(name, p, r) for p, r in zip(prompts, done)])),
+                             **cols))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def code_settings(model_kind: str) -> list[tuple[str, str, object, dict]]:
+    """The code workload's settings; the first is the reference the others are scored against: one token
+    per step (the bidirectional model without a cache; the block-diffusion model with its exact prefix cache)."""
+    base = dict(block_size=CODE_BLOCK, attention=model_kind)
+    if model_kind == "block_causal":
+        return [("block: llada 1 tok/step prefix", "block llada", llada.generate, dict(cache="prefix", **base)),
+                *[(f"block: threshold {t} {c}", f"block threshold+{c}", fast_dllm.generate,
+                   dict(threshold=t, cache=c, **base)) for c in ("none", "dual") for t in (0.9, 0.7, 0.5)]]
+    return [("llada 1 tok/step", "llada", llada.generate, dict(**base)),
+            *[(f"threshold {t} {c}", f"threshold+{c}", fast_dllm.generate, dict(threshold=t, cache=c, **base))
+              for c in ("none", "prefix", "dual") for t in (0.9, 0.7, 0.5)]]
+
+
+def code_prompts(n: int, gen: int, data: str | None) -> list[bytes]:
+    """`n` held-out function prompts (def line through docstring, at most CODE_PROMPT bytes), spread
+    evenly over all that qualify."""
+    found = code_data.function_prompts(code_data.load_split(True, data), CODE_PROMPT, gen)
+    if len(found) < n:
+        raise InvalidInputError(f"only {len(found)} held-out function prompts fit {CODE_PROMPT} bytes, asked for {n}")
+    return [found[i][1] for i in np.linspace(0, len(found) - 1, n).round().astype(int)]
+
+
+def evaluate_code(model, kind: str, prompts: list[bytes], gen: int, batch: int, n1: int) -> list[dict]:
+    """Every code setting at `gen` bytes: agreement with the reference setting's output (per sequence and
+    per byte), the share of completions `ast.parse` accepts once closed at a line boundary, and speed."""
+    rows, ref = [], None
+    ids = [list(p) for p in prompts]
+    for label, family, fn, options in code_settings(kind):
+        out, cols = speed(fn, model, ids, gen, options, batch, n1, CODE_PROMPT)
+        ref = out["tokens"] if ref is None else ref
+        done = [out["tokens"][i, :k].tolist() for i, k in enumerate(out["lengths"])]
+        rows.append(dict(workload="code", setting=label, family=family, task=f"code {gen}", easy=False,
+                         accuracy=100.0 * float(np.mean(out["tokens"] == ref)),
+                         sequence_agreement=100.0 * float(np.mean(np.all(out["tokens"] == ref, axis=1))),
+                         parses=100.0 * float(np.mean([code_data.completion_parses(p, r)
+                                                       for p, r in zip(prompts, done)])),
+                         **cols))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | task | n | accuracy % | NFE/token | tokens/forward | decode s (batch) | tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    def cell(r, key, fmt):
+        return "" if r.get(key) is None else format(r[key], fmt)
+
+    lines = ["| workload | model | setting | task | n | accuracy % | sequences % | parses % | NFE/token "
+             "| tokens/forward | tokens/s (batch) | tokens/s (batch 1) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['task']} | {r['n']} | {r['accuracy']:.1f} | {r['nfe_per_token']:.3f} | "
-                     f"{r['tokens_per_forward']:.1f} | {r['decode_s']:.2f} | {r['tokens_per_s']:.0f} |")
+        lines.append(f"| {r.get('workload', 'synthetic')} | {r['model']} | {r['setting']} | {r['task']} | {r['n']} | "
+                     f"{r['accuracy']:.1f} | {cell(r, 'sequence_agreement', '.1f')} | {cell(r, 'parses', '.1f')} | "
+                     f"{r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{cell(r, 'tokens_per_s_b1', '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Per task, accuracy against NFE per token (top) and against batched wall-clock tokens/s (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(4 * ((len(names) + 1) // 2), 7), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names) + 1, 7), squeeze=False)
+    for col, name in enumerate(names):
         for family in dict.fromkeys(r["family"] for r in rows):
-            pts = sorted((r["nfe_per_token"], r["accuracy"]) for r in rows
-                         if r["task"] == name and r["family"] == family)
-            ax.plot(*zip(*pts), marker="o", label=family)
-        ax.axvline(0.1, color="gray", linestyle=":", linewidth=1)
-        easy = tasks.TASKS[name].easy
-        ax.set(title=f"{name} ({'easy' if easy else 'hard'})", xscale="log", xlabel="NFE per token",
-               ylabel="accuracy %", ylim=(-3, 103))
-    axes.flat[0].legend(fontsize=7)
+            picked = [r for r in rows if r["task"] == name and r["family"] == family]
+            for ax, key in zip(axes[:, col], ("nfe_per_token", "tokens_per_s")):
+                if picked:
+                    ax.plot(*zip(*sorted((r[key], r["accuracy"]) for r in picked)), marker="o", label=family)
+        hard = rows[[r["task"] for r in rows].index(name)]["easy"] is False
+        axes[0, col].set(title=f"{name} ({'hard' if hard else 'easy'})", xscale="log", xlabel="NFE per token",
+                         ylabel="accuracy %", ylim=(-3, 103))
+        axes[1, col].set(xscale="log", xlabel="tokens/s (batched)", ylabel="accuracy %", ylim=(-3, 103))
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -112,37 +186,57 @@ def merge(files: list[str]) -> list[dict]:
             data = json.load(f)
         new = {}
         for r in data["rows"]:
-            new.setdefault((r["model"], r["task"]), []).append({"n": data["n"], **r})
+            new.setdefault((r["model"], r["task"]), []).append({"n": data["n"], "workload": "synthetic", **r})
         groups |= new
-    order = [(k, t) for k in ("bidirectional", "block_causal") for t in tasks.TASKS]
+    order = [(k, t) for k in ("bidirectional", "block_causal") for t in [*tasks.TASKS, "code 256", "code 512"]]
     return [r for key in sorted(groups, key=lambda kt: order.index(kt) if kt in order else len(order))
             for r in groups[key]]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", default="checkpoints/tiny_dllm")
-    ap.add_argument("--n", type=int, default=200, help="held-out instances per task")
+    ap.add_argument("--workloads", default="synthetic,code", help="comma-separated: synthetic, code")
+    ap.add_argument("--ckpt", default="checkpoints/tiny_dllm", help="the synthetic suite's models")
+    ap.add_argument("--n", type=int, default=200, help="held-out instances per synthetic task")
     ap.add_argument("--tasks", default=",".join(tasks.TASKS))
     ap.add_argument("--models", default="bidirectional,block_causal")
+    ap.add_argument("--code-ckpt", default="checkpoints/code_dllm", help="the code dLLMs (<dir>/<model>)")
+    ap.add_argument("--code-n", type=int, default=16, help="held-out function prompts")
+    ap.add_argument("--code-gen", default="256,512", help="completion lengths in bytes")
+    ap.add_argument("--code-data", default=None, help="directory of .py files (default: the standard library)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per decode call")
+    ap.add_argument("--n1", type=int, default=2, help="instances also decoded alone, for tokens/s at batch 1")
     ap.add_argument("--out", default="bench/dllm_eval")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="evaluate nothing: combine these result files (a later "
                     "file's rows replace an earlier one's for the same model and task) into OUT")
     args = ap.parse_args(argv)
-    names = args.tasks.split(",")
+    workloads = args.workloads.split(",")
+    if unknown := set(workloads) - {"synthetic", "code"}:
+        raise InvalidInputError(f"unknown workloads {sorted(unknown)}: choose from synthetic, code")
+    if args.batch < 1 or args.n1 < 0 or args.n % args.batch or args.code_n % args.batch:
+        raise InvalidInputError(f"--batch must be >= 1 and divide --n ({args.n}) and --code-n ({args.code_n}); "
+                                f"--n1 >= 0 (got batch {args.batch}, n1 {args.n1})")
     rows = [] if not args.merge else merge(args.merge)
     for kind in args.models.split(",") if not args.merge else ():
-        paths = {name: os.path.join(args.ckpt, kind, name) for name in names}
-        models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
-        if models:
-            for r in evaluate(models, args.n, settings(kind, tasks.GEN_LEN), tasks.GEN_LEN):
-                rows.append({"model": kind, "n": args.n, **r})
+        if "synthetic" in workloads:
+            paths = {name: os.path.join(args.ckpt, kind, name) for name in args.tasks.split(",")}
+            models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
+            runs = settings(kind, tasks.GEN_LEN)
+            rows += [{"model": kind, "n": args.n, **r}
+                     for r in evaluate(models, args.n, runs, tasks.GEN_LEN, args.batch, args.n1)]
+        path = os.path.join(args.code_ckpt, kind)
+        if "code" in workloads and os.path.isdir(path):
+            model = pdx.load_model(path)
+            for gen in map(int, args.code_gen.split(",")):
+                prompts = code_prompts(args.code_n, gen, args.code_data)
+                rows += [{"model": kind, "n": args.code_n, **r}
+                         for r in evaluate_code(model, kind, prompts, gen, args.batch, args.n1)]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(n=sorted({r["n"] for r in rows}), rows=rows), f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(rows))
-    plot(rows, args.out + ".png")
+    atomic_write(args.out + ".json", json.dumps(dict(n=sorted({r["n"] for r in rows}), rows=rows), indent=1))
+    atomic_write(args.out + ".md", markdown(rows))
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        plot([r for r in rows if r["workload"] == workload],
+             args.out + ("" if workload == "synthetic" else f"_{workload}") + ".png")
     print(markdown(rows))
     return 0
 

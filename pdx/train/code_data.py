@@ -6,7 +6,8 @@ byte of a held-out file. Ids are byte values; `EOS` ends a file and `MASK` is th
 
 Training examples are `(prompt, answer)` byte lists cut at a line start, as a completion prompt ends:
 up to `prompt_len` bytes before the cut and the next `gen_len` bytes (shorter at the end of a file,
-then EOS). Evaluation prompts are held-out functions: the `def` line through the end of its docstring.
+then EOS). Evaluation prompts are held-out functions: the `def` line through the end of its docstring;
+a completion counts as Python when `completion_parses` accepts it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import sysconfig
+import textwrap
 
 import numpy as np
 
@@ -130,3 +132,22 @@ def function_prompts(split: Split, max_prompt: int, gen_len: int, limit: int | N
                 if limit is not None and len(out) >= limit:
                     return out
     return out
+
+
+def completion_parses(prompt: bytes, completion: list[int]) -> bool:
+    """Whether `prompt` and a generated `completion` (byte ids, maybe ending in EOS), closed at a line
+    boundary, is Python that `ast.parse` accepts once dedented (a method's prompt starts indented).
+    Closed: all of it when it stopped at EOS, else up to its last newline."""
+    if EOS in completion:
+        completion = completion[: completion.index(EOS)]
+    elif 10 in completion:
+        completion = completion[: len(completion) - completion[::-1].index(10)]
+    else:
+        completion = []
+    if any(not 0 <= t < 256 for t in completion):
+        return False
+    try:
+        ast.parse(textwrap.dedent((prompt + bytes(completion)).decode("utf-8")))
+    except (SyntaxError, ValueError, UnicodeDecodeError):  # ValueError: a NUL byte
+        return False
+    return True

@@ -74,3 +74,24 @@ def test_a_missing_or_empty_data_directory_raises(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(InvalidInputError, match="no .py files"):
         code_data.load_split(False, str(tmp_path / "empty"))
+
+
+
+@pytest.mark.parametrize("completion, parses", [
+    (b"    return w * h\n    x = (1,", True),  # the unfinished last line is cut off
+    (b"    x = (1,\n    2", False),  # an open bracket at the last line boundary
+    (b"    return w", True),  # no full line: only the prompt is left, and it parses
+    (b"    return (w\xff", True),  # ... whatever the unfinished line holds
+    (b"    return \xff\n", False),  # not UTF-8
+    (b"    return (w\n<EOS>", False),  # stopped at EOS: all of it counts
+    (b"    return w * h<EOS>", True),
+])
+def test_completion_parses_closes_at_a_line_boundary(completion, parses):
+    prompt = b'    def area(w, h):\n        """Area."""\n'  # a method: indented, as its file has it
+    body, eos = completion.removesuffix(b"<EOS>"), completion.endswith(b"<EOS>")
+    ids = list(body.replace(b"    ", b"        ")) + [code_data.EOS] * eos
+    assert code_data.completion_parses(prompt, ids) is parses
+
+
+def test_a_mask_left_in_a_completion_is_not_python():
+    assert not code_data.completion_parses(b"x = 1\n", [code_data.MASK, 10])
