@@ -174,22 +174,15 @@ def test_unknown_model_type_names_every_family(tmp_path, capsys):
     assert all(name in err for name in ("'gpt_bigcode'", "mamba2", "phi4flash", "llada", "Dream", "GGUF"))
 
 
-def test_bench_help_lists_benchmarks_and_scripts_name_themselves(capsys):
+@pytest.mark.parametrize("kind, listed, name", [("bench", "ar, attention", "commits"), ("eval", "dllm", "dllm"),
+                                                ("train", "code_dllm, sambay, tiny_dllm", "code_dllm")])
+def test_script_kinds_list_their_scripts_and_scripts_name_themselves(kind, listed, name, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--help"])
-    assert "ar, attention" in capsys.readouterr().out
+        cli.main([kind, "--help"])
+    assert listed in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        cli.main(["bench", "commits", "--help"])
-    assert capsys.readouterr().out.startswith("usage: pdx bench commits")
-
-
-def test_train_lists_and_runs_the_training_scripts(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--help"])
-    assert "code_dllm, sambay, tiny_dllm" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli.main(["train", "code_dllm", "--help"])
-    assert capsys.readouterr().out.startswith("usage: pdx train code_dllm")
+        cli.main([kind, name, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: pdx {kind} {name}")
 
 
 def test_schema_refuses_what_was_silently_accepted():
