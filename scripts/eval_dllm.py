@@ -221,11 +221,16 @@ def main(argv=None) -> int:
         if "synthetic" in workloads:
             paths = {name: os.path.join(args.ckpt, kind, name) for name in args.tasks.split(",")}
             models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
+            if missing := sorted(set(paths) - set(models)):
+                print(f"no {kind} tiny dLLM for {', '.join(missing)} under {args.ckpt}: skipped", file=sys.stderr)
             runs = settings(kind, tasks.GEN_LEN)
             rows += [{"model": kind, "n": args.n, **r}
                      for r in evaluate(models, args.n, runs, tasks.GEN_LEN, args.batch, args.n1)]
         path = os.path.join(args.code_ckpt, kind)
-        if "code" in workloads and os.path.isdir(path):
+        if "code" in workloads and not os.path.isdir(path):
+            print(f"no {kind} code dLLM at {path} (pdx train code_dllm --model {kind}): its code rows are skipped",
+                  file=sys.stderr)
+        elif "code" in workloads:
             model = pdx.load_model(path)
             for gen in map(int, args.code_gen.split(",")):
                 prompts = code_prompts(args.code_n, gen, args.code_data)

@@ -63,6 +63,13 @@ def test_bad_eval_options_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_missing_code_model_is_reported(code_setup, capsys):
+    root, data = code_setup
+    assert cli.main(["eval", "dllm", "--workloads", "code", "--models", "block_causal", "--code-ckpt",
+                     str(root / "ckpt"), "--code-data", str(data), "--out", str(root / "none")]) == 0
+    assert "no block_causal code dLLM at" in capsys.readouterr().err
+
+
 def test_too_few_prompts_is_an_error(code_setup, capsys):
     root, data = code_setup
     assert cli.main(["eval", "dllm", "--workloads", "code", "--models", "bidirectional", "--code-ckpt",
