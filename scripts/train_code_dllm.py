@@ -1,10 +1,14 @@
 """Train the byte-level code models on the Python standard library's source (`pdx.train.code_data`,
 split by file; the held-out tenth is never trained on):
 
+    ar             a causal transformer, next-byte               -> checkpoints/code_dllm/ar
     bidirectional  a LLaDA-style masked-diffusion transformer  -> checkpoints/code_dllm/bidirectional
-    block_causal   block diffusion (block-causal attention, block 32), initialised from the
-                   bidirectional model                            -> checkpoints/code_dllm/block_causal
-    ar             a same-size causal transformer, next-byte    -> checkpoints/code_dllm/ar
+    block_causal   block diffusion (block-causal attention, block 32) -> checkpoints/code_dllm/block_causal
+
+Both dLLMs start from the AR model's weights and keep its next-token head (`logit_shift = 1`: the
+logits one column left of a masked byte predict it), the adaptation recipe of DiffuLLaMA and Dream:
+trained from scratch at this budget (700 steps, 79 min) the bidirectional model reached a 2.18-nat
+bound, predicted a space at every position of a masked answer and decoded nothing but spaces.
 
 The dLLMs train on completion canvases (a prompt of up to 128 bytes cut at a line start, then 256 or
 512 answer bytes, the two lengths in turn); the AR model on 640-byte windows of the same files. Each
@@ -13,7 +17,7 @@ held-out loss (nats per answer byte: the dLLMs' masked-diffusion bound, the AR m
 both on the same held-out completions) goes to bench/code_train.json and the loss curves to
 bench/code_train_loss.png.
 
-    nice -n 10 python scripts/train_code_dllm.py --model bidirectional [--steps N] [--state runs]
+    nice -n 10 python scripts/train_code_dllm.py --model ar [--steps N] [--state runs]
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from pdx.train import autoregressive, code_data, diffusion
 CONFIG = transformer.Config(vocab_size=code_data.VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_layers=6,
                             num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
                             eos_token_ids=(code_data.EOS,), pad_token_id=code_data.EOS,
-                            mask_token_id=code_data.MASK)
+                            mask_token_id=code_data.MASK, logit_shift=1)
 PROMPT_LEN, GEN_LENS, BLOCK = 128, (512, 256), 32
-AR_CONFIG = dataclasses.replace(CONFIG, mask_token_id=None)  # the same transformer, no mask token: not a dLLM
-MODELS = ("bidirectional", "block_causal", "ar")
+AR_CONFIG = dataclasses.replace(CONFIG, mask_token_id=None, logit_shift=0)  # the same transformer, not a dLLM
+MODELS = ("ar", "bidirectional", "block_causal")
 STEPS = dict(bidirectional=700, block_causal=200, ar=250)  # ~1 h 50 min in all on 2 cores
 HELD_OUT = 64  # held-out completions scored for the loss
 
@@ -93,12 +97,10 @@ def main(argv=None) -> int:
         params, losses = autoregressive.train(cfg, tc, sampler.windows, checkpoint_dir=state,
                                               save_every=args.save_every)
     else:
-        init = None
-        if args.model == "block_causal":
-            path = os.path.join(args.out, "bidirectional")
-            if not os.path.isdir(path):
-                raise InvalidInputError(f"block_causal starts from the bidirectional model: train it first ({path})")
-            init = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), orbax_checkpoint.load(path)[0])
+        path = os.path.join(args.out, "ar")
+        if not os.path.isdir(path):
+            raise InvalidInputError(f"the dLLMs start from the AR model: train it first ({path})")
+        init = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), orbax_checkpoint.load(path)[0])
         tc = diffusion.TrainConfig(steps=steps, batch=args.batch, lr=args.lr, warmup=50, attention=args.model,
                                    block_size=BLOCK, stratified_t=True, count_masking=True, seed=args.seed)
         params, losses = diffusion.train(

@@ -80,14 +80,17 @@ def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
 
 
 def loss_fn(params, cfg: transformer.Config, tc: TrainConfig, tokens, valid, key, prompt_len: int):
-    """Masked-diffusion loss of one batch: sum over scored positions of CE / t, per candidate position."""
+    """Masked-diffusion loss of one batch: sum over scored positions of CE / t, per candidate position.
+    With `cfg.logit_shift = 1` (Dream; an AR-initialised dLLM keeps its next-token head) the logits one
+    column to the left predict each answer token."""
     gen = tokens[:, prompt_len:]
     noisy, scored, t = noise(key, gen, cfg.mask_token_id, tc)
     x = tokens.at[:, prompt_len:].set(noisy)
     mode = BIDIRECTIONAL if tc.attention == "bidirectional" else MaskMode("block_causal", tc.block_size)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
     logits, _ = transformer.forward(params, cfg, x, positions, mask_mode=mode, valid=valid)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, prompt_len:], gen)  # [B, G]
+    lo = prompt_len - cfg.logit_shift
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, lo : lo + gen.shape[1]], gen)  # [B, G]
     per_row = gen.shape[1] if tc.attention == "bidirectional" else tc.block_size
     return jnp.sum(jnp.where(scored, ce, 0.0) / t[:, None]) / (gen.shape[0] * per_row)
 

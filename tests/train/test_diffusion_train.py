@@ -82,21 +82,24 @@ def test_noise_block_causal_scores_one_block():
             np.testing.assert_array_equal(row_scored.reshape(4, 8)[j[0]], blocks[j[0]])
 
 
-@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
-def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention):
+@pytest.mark.parametrize("attention,shift", [("bidirectional", 0), ("block_causal", 0), ("bidirectional", 1),
+                                             ("block_causal", 1)])
+def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention, shift):
+    """With logit_shift = 1 (an AR-initialised dLLM) the column left of each answer token scores it."""
+    cfg = dataclasses.replace(CFG, logit_shift=shift)
     tc = diffusion.TrainConfig(attention=attention, block_size=16)
-    params = tf.init_params(CFG, jax.random.PRNGKey(0), scale=0.2)
+    params = tf.init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
     tokens, valid = _batch()
     key = jax.random.PRNGKey(3)
-    loss = diffusion.loss_fn(params, CFG, tc, tokens, valid, key, tasks.PROMPT_LEN)
+    loss = diffusion.loss_fn(params, cfg, tc, tokens, valid, key, tasks.PROMPT_LEN)
     p = tasks.PROMPT_LEN
     noisy, scored, t = diffusion.noise(key, tokens[:, p:], tasks.MASK, tc)
     x = np.asarray(tokens).copy()
     x[:, p:] = np.asarray(noisy)
     mode = "bidirectional" if attention == "bidirectional" else MaskMode("block_causal", 16)
-    logits, _ = tf.forward(params, CFG, jnp.asarray(x), jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape),
+    logits, _ = tf.forward(params, cfg, jnp.asarray(x), jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape),
                            mask_mode=mode, valid=valid)
-    logp = np.asarray(jax.nn.log_softmax(logits[:, p:]))
+    logp = np.asarray(jax.nn.log_softmax(logits[:, p - shift : x.shape[1] - shift]))
     gen = np.asarray(tokens[:, p:])
     nll = -np.take_along_axis(logp, gen[..., None], -1)[..., 0]
     per_row = 32 if attention == "bidirectional" else 16
