@@ -1,5 +1,6 @@
-"""The shipped tiny SambaY / transformer checkpoints (scripts/train_sambay.py): they load through pdx.load_model,
-have learned (held-out bytes far below the uniform ln 256 = 5.55 nats) and generate through the AR engine."""
+"""The shipped byte-level AR checkpoints (tiny SambaY and transformer: scripts/train_sambay.py; the code AR
+model: scripts/train_code_dllm.py): they load through pdx.load_model, have learned (held-out bytes far below
+the uniform ln 256 = 5.55 nats) and generate through the AR engine."""
 
 import os
 
@@ -18,8 +19,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "checkpoints")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, family", [("sambay_tiny", sb), ("transformer_tiny", tf)])
-def test_shipped_checkpoint_learned_and_generates(name, family):
+@pytest.mark.parametrize("name, family, max_loss", [("sambay_tiny", sb, 3.0), ("transformer_tiny", tf, 3.0),
+                                                    ("code_dllm/ar", tf, 2.2)])
+def test_shipped_checkpoint_learned_and_generates(name, family, max_loss):
     model = pdx.load_model(os.path.join(ROOT, name))
     assert model.family is family
     text = code_data.load_split(True).texts[0][:192]  # a held-out standard-library file: never trained on
@@ -27,7 +29,7 @@ def test_shipped_checkpoint_learned_and_generates(name, family):
     pos = jnp.arange(ids.shape[1])[None]
     logits, _ = family.forward(model.params, model.cfg, ids, pos)
     loss = float(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean())
-    assert loss < 3.0, f"{name}: held-out loss {loss:.2f} nats"
+    assert loss < max_loss, f"{name}: held-out loss {loss:.2f} nats"
     out = ar.generate(model, [list(b"def add(a, b):\n")], max_new_tokens=16)
     assert out.tokens.shape == (1, 16) and 0 <= out.tokens.min() and out.tokens.max() < 256
 
