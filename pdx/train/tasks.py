@@ -37,12 +37,14 @@ def _letters(rng, n: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """`make(rng) -> (prompt, answer)`; `check(prompt, output) -> bool` (output without EOS)."""
+    """`make(rng) -> (prompt, answer)`; `check(prompt, output) -> bool` (output without EOS). `curriculum`,
+    where set, makes easier training instances of the same task, half of each training draw."""
 
     name: str
     easy: bool
     make: Callable
     check: Callable
+    curriculum: Callable | None = None
 
 
 EASY_LEN = 24  # fixed answer length of the easy tasks: 25 tokens with EOS, so 10 per forward is reachable
@@ -76,9 +78,24 @@ ADD_WIDTH = 11  # sums are written zero-padded to a fixed width, so digit k of t
 # offset from digit k of each operand (left-aligned sums of varying length made the alignment depend on the carry out)
 
 
-def _add(rng):
-    a, b = (int(rng.integers(10**9, 10**10)) for _ in range(2))
+def _add_instance(a: int, b: int):
     return [TASK_IDS["add"], *digits(a), PLUS, *digits(b), SEP], digits(a + b, ADD_WIDTH)
+
+
+def _add(rng):
+    return _add_instance(*(int(rng.integers(10**9, 10**10)) for _ in range(2)))
+
+
+def _add_zero_rich(rng):
+    """10-digit operands whose lower digits are 0 half the time. A digit of a uniform sum is independent
+    of either operand's digit alone, so training on uniform sums gives no gradient toward reading one
+    operand, and the model stays at chance digits; where the other digit is 0 the answer copies it."""
+    def operand():
+        d = rng.integers(0, 10, 10) * (rng.random(10) >= 0.5)
+        d[0] = rng.integers(1, 10)
+        return int("".join(map(str, d)))
+
+    return _add_instance(operand(), operand())
 
 
 def _choice(rng):
@@ -167,7 +184,7 @@ TASKS = {
     "shift": Task("shift", True, _shift, _exact),
     "reverse": Task("reverse", True, _reverse, _exact),
     "sort": Task("sort", True, _sort, _exact),
-    "add": Task("add", False, _add, _exact),
+    "add": Task("add", False, _add, _exact, _add_zero_rich),
     "choice": Task("choice", False, _choice, lambda prompt, out: out in _choice_words(prompt)),
     "sudoku": Task("sudoku", False, _sudoku, _sudoku_ok),
     "repeat": Task("repeat", False, _repeat, _repeat_ok),
@@ -185,8 +202,14 @@ def target(answer: list[int], gen_len: int = GEN_LEN) -> list[int]:
 
 
 def sample(rng: np.random.Generator, n: int, names=tuple(TASKS)) -> list[tuple[list[int], list[int]]]:
-    """`n` (prompt, answer) pairs, tasks drawn uniformly from `names`."""
-    return [TASKS[names[int(rng.integers(0, len(names)))]].make(rng) for _ in range(n)]
+    """`n` training (prompt, answer) pairs, tasks drawn uniformly from `names` (half of them from a task's
+    curriculum where it has one)."""
+    out = []
+    for _ in range(n):
+        task = TASKS[names[int(rng.integers(0, len(names)))]]
+        easier = task.curriculum is not None and rng.random() < 0.5
+        out.append((task.curriculum if easier else task.make)(rng))
+    return out
 
 
 def held_out(name: str, n: int, seed: int = 12345) -> list[tuple[list[int], list[int]]]:

@@ -58,14 +58,25 @@ def test_count_masking_masks_exactly_m_with_weight_g_over_m():
     assert positions.min() > 0  # masked positions are spread over the answer, not a fixed prefix
 
 
-def test_add_answers_have_fixed_width():
+@pytest.mark.parametrize("make", ["make", "curriculum"])
+def test_add_answers_have_fixed_width(make):
     rng = np.random.default_rng(1)
+    zeros = 0
     for _ in range(50):
-        prompt, answer = tasks.TASKS["add"].make(rng)
-        assert len(answer) == tasks.ADD_WIDTH and tasks.TASKS["add"].check(prompt, answer)
+        prompt, answer = getattr(tasks.TASKS["add"], make)(rng)
+        assert len(prompt) == 23 and len(answer) == tasks.ADD_WIDTH and tasks.TASKS["add"].check(prompt, answer)
         a, b = prompt[1:11], prompt[12:22]
         num = lambda ts: int("".join(str(x - tasks.DIGIT0) for x in ts))  # noqa: E731
-        assert num(answer) == num(a) + num(b)
+        assert num(answer) == num(a) + num(b) and a[0] != tasks.DIGIT0 and b[0] != tasks.DIGIT0
+        zeros += (a + b).count(tasks.DIGIT0)
+    assert (zeros / 1000 > 0.4) == (make == "curriculum")  # zero-rich operands: ~45% zero digits vs ~9%
+
+
+def test_training_draws_half_from_the_curriculum():
+    rng = np.random.default_rng(2)
+    drawn = tasks.sample(rng, 400, ("add",))
+    zero_rich = [p for p, _ in drawn if p[1:23].count(tasks.DIGIT0) >= 7]  # uniform operands: P(>= 7 zeros) ~ 2%
+    assert 0.4 < len(zero_rich) / 400 < 0.6
 
 
 def test_noise_block_causal_scores_one_block():

@@ -1,6 +1,6 @@
 """The shipped tiny dLLMs (checkpoints/tiny_dllm): easy tasks keep their accuracy under threshold decoding with
-the dual cache at <= 0.1 NFE per token; a hard one (sudoku) is solved one token per step and breaks in parallel;
-reverse needs one block over the whole answer."""
+the dual cache at <= 0.1 NFE per token; the hard ones are solved one token per step, and sudoku breaks in
+parallel; reverse needs one block over the whole answer."""
 
 import os
 
@@ -35,6 +35,13 @@ def test_easy_task_threshold_dual_cache_keeps_accuracy_at_a_tenth_of_the_nfe(tas
     (base_acc, base_nfe), (fast_acc, fast_nfe) = _decode(task, block, threshold=0.9)
     assert base_acc >= 0.85 and base_nfe > 1.0  # 32 forwards for <= 32 tokens
     assert fast_acc >= base_acc and fast_nfe <= 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["add", "repeat"])
+def test_hard_task_is_solved_one_token_per_step(task):
+    (base_acc, _), _ = _decode(task, threshold=0.9)
+    assert base_acc >= 0.9
 
 
 @pytest.mark.slow
