@@ -75,7 +75,7 @@ def test_add_answers_have_fixed_width(make):
 def test_training_draws_half_from_the_curriculum():
     rng = np.random.default_rng(2)
     drawn = tasks.sample(rng, 400, ("add",))
-    zero_rich = [p for p, _ in drawn if p[1:23].count(tasks.DIGIT0) >= 7]  # uniform operands: P(>= 7 zeros) ~ 2%
+    zero_rich = [p for p, _ in drawn if p[1:23].count(tasks.DIGIT0) >= 7]  # uniform operands: P(>= 7 zeros) < 0.1%
     assert 0.4 < len(zero_rich) / 400 < 0.6
 
 
