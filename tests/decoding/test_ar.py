@@ -83,10 +83,15 @@ def test_one_compile_per_bucket(tiny_model):
     assert a.stats["forward_passes"] == a.stats["prefill_chunks"] + a.stats["decode_steps"]
 
 
-@pytest.mark.parametrize("longest, chunk", [(3, 16), (16, 16), (17, 32), (40, 64), (200, 64)])
-def test_default_prefill_chunk_is_the_smallest_bucket_holding_the_prompt(tiny_cfg_module, longest, chunk):
-    assert ar.make_plan(tiny_cfg_module, [[1] * longest, [1]], 8, None).prefill_chunk == chunk
-    assert ar.make_plan(tiny_cfg_module, [[1] * longest], 8, 8).prefill_chunk == 8  # an explicit chunk is kept
+@pytest.mark.parametrize("batch, longest, chunk", [(1, 3, 16), (1, 16, 16), (1, 17, 32), (1, 125, 128), (1, 512, 512),
+                                                   (1, 700, 256), (4, 125, 128), (16, 160, 32), (16, 40, 16)])
+def test_default_prefill_chunk_computes_the_fewest_rows(tiny_cfg_module, batch, longest, chunk):
+    plan = ar.make_plan(tiny_cfg_module, [[1] * longest] + [[1]] * (batch - 1), 8, None)
+    assert plan.prefill_chunk == chunk and plan.single_pass == (longest <= chunk)
+    # one pass needs no chunk's room past the text; a looped chunk may write and read a chunk past it
+    assert plan.slots == ar._round_up(max(longest + 8 + (1 if plan.single_pass else chunk), chunk), ar.SLOT_BUCKET)
+    explicit = ar.make_plan(tiny_cfg_module, [[1] * longest], 8, 8)
+    assert explicit.prefill_chunk == 8 and explicit.single_pass == (longest <= 8)  # an explicit chunk is kept
 
 
 def test_chunk_size_does_not_change_the_tokens(tiny_model):

@@ -136,7 +136,7 @@ def test_bad_input(target):
     with pytest.raises(InvalidInputError, match="vocabulary"):
         engine.generate(target, PROMPTS, drafter=drafters.draft_model(target, tiny(vocab=64), 3))
     with pytest.raises(InvalidInputError, match="cache holds"):
-        engine.generate(target, [[1] * 40], drafter=drafters.PromptLookup(k=8), max_new_tokens=10, max_len=64)
+        engine.generate(target, [[1] * 50], drafter=drafters.PromptLookup(k=8), max_new_tokens=10, max_len=64)
     with pytest.raises(InvalidInputError, match="k_init"):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), k_init=3)
     with pytest.raises(InvalidInputError, match="repetition_penalty"):
