@@ -2,7 +2,8 @@
 
 Shapes are bucketed so prompts of similar length share one compiled program:
   * batch B is padded up to a power of two (1, 2, 4, 8, ...); padding rows are discarded;
-  * the cache has S slots, S = round_up(longest prompt + max_new_tokens + prefill_chunk, 256);
+  * the cache has S slots, S = round_up(longest prompt + max_new_tokens + prefill_chunk, 256) (a
+    one-pass prefill needs no chunk's room: one slot, or a verify step's K+1);
     prompts live right-padded in a [B, S] buffer and are prefilled `prefill_chunk` tokens at a
     time by a loop whose trip count is traced, so the prompt length itself is never a shape;
   * by default the chunk (16, 32, ..., 512 tokens) is the one that computes the fewest padded rows
