@@ -9,7 +9,10 @@ Shapes are bucketed so prompts of similar length share one compiled program:
   * by default the chunk (16, 32, ..., 512 tokens) is the one that computes the fewest padded rows
     (`default_chunk`: one prompt takes the smallest chunk holding it, a batch of uneven prompts
     smaller chunks), and a prompt that fits one chunk is prefilled in one pass with no loop
-    (`Plan.single_pass`).
+    (`Plan.single_pass`);
+  * a batch of uneven prompts on a model that packs (`cache_rows`, with a fast packed attention)
+    is prefilled in one pass over all its prompts packed end to end (`Plan.packed`: the prompts'
+    total rounded up to 128 rows, not batch x longest), when that computes fewer rows.
 Everything else (prompt content, temperature, top-k/p, min-p, penalty, seed, stop ids, the
 number of steps to run) is traced. Finished rows stay in the batch, frozen: they neither write
 new tokens nor advance their cache.
@@ -34,6 +37,7 @@ from pdx.decoding import compiled, registry
 from pdx.decoding.result import GenerationResult
 from pdx.decoding.sampling import SamplingParams, check_token_ids, choose
 from pdx.errors import InvalidInputError, require
+from pdx.kernels_pallas import attend
 from pdx.models import protocol
 
 MAX_STOP_IDS = 8  # stop ids are a fixed-size traced array, padded with -1
@@ -65,6 +69,7 @@ class Plan:
     max_new_tokens: int
     prefill_chunk: int
     single_pass: bool = False  # the longest prompt fits one chunk: prefill is one forward, no loop
+    packed: bool = False  # one forward over the prompts packed end to end, `prefill_chunk` tokens wide
 
 
 def _round_up(x: int, m: int) -> int:
@@ -77,22 +82,36 @@ def _round_up(x: int, m: int) -> int:
 PASS_MIN_ROWS = 256
 
 
+PACK_BUCKET = 128  # a packed prefill's width is the prompts' total rounded up to this
+MAX_PACKED = 4096  # widest packed prefill (one pass: its activations grow with it)
+
+
+def _chunked_rows(batch: int, longest: int, chunk: int) -> int:
+    """Rows a chunked prefill computes, a pass counted as at least `PASS_MIN_ROWS`."""
+    return (_round_up(longest, chunk) // chunk) * max(batch * chunk, PASS_MIN_ROWS)
+
+
+def packs(model) -> bool:
+    """Whether `model` prefills packed prompts fast: its family honours `cache_rows` and the packed
+    attention runs a kernel on this backend (its jnp spec gathers a cache row per token)."""
+    caps = model.family.capabilities(model.cfg)
+    return "cache_rows" in caps.extras and attend.packed_is_fast(model.cfg.head_dim)
+
+
 def default_chunk(batch: int, longest: int) -> int:
     """The `CHUNK_BUCKETS` chunk that prefills `batch` rows of up to `longest` tokens for the fewest
     computed rows, each pass counted as at least `PASS_MIN_ROWS` (ties: fewer passes). One prompt takes
     the smallest chunk holding it; 16 prompts of up to 160 tokens take 5 x 32 (2560 rows: 1.8x faster
     than 1 x 256, whose 4096 rows are mostly padding)."""
-    def cost(c: int) -> tuple[int, int]:
-        passes = _round_up(longest, c) // c
-        return passes * max(batch * c, PASS_MIN_ROWS), passes
-    return min(CHUNK_BUCKETS, key=cost)
+    return min(CHUNK_BUCKETS, key=lambda c: (_chunked_rows(batch, longest, c), _round_up(longest, c) // c))
 
 
 def make_plan(cfg, prompts: list[list[int]], max_new_tokens: int, prefill_chunk: int | None,
-              max_len: int | None = None, step_tokens: int = 1) -> Plan:
+              max_len: int | None = None, step_tokens: int = 1, packable: bool = False) -> Plan:
     """Validate the request at the API edge and pick the shape bucket.
 
-    prefill_chunk: tokens per prefill pass; None: `default_chunk`.
+    prefill_chunk: tokens per prefill pass; None: `default_chunk`, or with `packable` (see `packs`)
+    one packed pass where that computes no more rows (a 1.3x faster pass than a loop's).
 
     step_tokens: most tokens one decode step writes past the last one (speculative verify: K+1);
     the cache keeps that much room beyond the longest prompt + max_new_tokens.
@@ -102,14 +121,19 @@ def make_plan(cfg, prompts: list[list[int]], max_new_tokens: int, prefill_chunk:
             f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     longest = max(len(p) for p in prompts)
     batch = 1 << (len(prompts) - 1).bit_length()
+    packed = False
     if prefill_chunk is None:
         prefill_chunk = default_chunk(batch, longest)
+        width = _round_up(sum(len(p) for p in prompts), PACK_BUCKET)
+        if packable and len(prompts) > 1 and width <= MAX_PACKED \
+                and max(width, PASS_MIN_ROWS) <= _chunked_rows(batch, longest, prefill_chunk):
+            prefill_chunk, packed = width, True
     require(isinstance(prefill_chunk, int) and prefill_chunk >= 1, f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    single_pass = longest <= prefill_chunk
+    single_pass = packed or longest <= prefill_chunk
     # Room past the text: a looped chunk's writes and prompt slice may run a chunk past the longest
-    # prompt; one pass only reads the first chunk of the prompt buffer.
+    # prompt; one pass only reads the first chunk of the prompt buffer; a packed one writes the text only.
     room = step_tokens if single_pass else max(prefill_chunk, step_tokens)
-    needed = max(longest + max_new_tokens + room, prefill_chunk)
+    needed = longest + max_new_tokens + room if packed else max(longest + max_new_tokens + room, prefill_chunk)
     slots = max_len if max_len is not None else _round_up(needed, SLOT_BUCKET)
     if slots < needed:
         raise InvalidInputError(
@@ -121,7 +145,7 @@ def make_plan(cfg, prompts: list[list[int]], max_new_tokens: int, prefill_chunk:
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
             f"{cfg.max_position_embeddings} positions")
     return Plan(batch=batch, slots=slots, max_new_tokens=max_new_tokens,
-                prefill_chunk=prefill_chunk, single_pass=single_pass)
+                prefill_chunk=prefill_chunk, single_pass=single_pass, packed=packed)
 
 
 def stop_array(stop_token_ids) -> jax.Array:
@@ -139,6 +163,11 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
     """
     b, c = plan.batch, plan.prefill_chunk
     cache = protocol.new_cache(family, params, cfg, b, plan.slots, jnp.float32)
+    if plan.packed:
+        tokens, positions, rows = _pack(prompt_buf, prompt_lens, c)
+        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=rows >= 0, cache_rows=rows,
+                                       logits="last")
+        return cache, logits[:, 0], jnp.int32(1)
 
     def chunk(i, carry):
         cache, last_logits = carry
@@ -161,6 +190,19 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
     num_chunks = (jnp.max(prompt_lens) + c - 1) // c
     cache, logits = lax.fori_loop(0, num_chunks, chunk, init)
     return cache, logits, num_chunks
+
+
+def _pack(prompt_buf, prompt_lens, width: int):
+    """The rows' prompts end to end in one sequence: tokens, positions and cache rows `[1, width]`
+    (row -1 past the last prompt)."""
+    ends = jnp.cumsum(prompt_lens)  # [B]
+    t = jnp.arange(width, dtype=jnp.int32)
+    row = jnp.searchsorted(ends, t, side="right").astype(jnp.int32)  # the first row ending past t
+    inside = t < ends[-1]
+    r = jnp.minimum(row, prompt_lens.shape[0] - 1)
+    pos = jnp.where(inside, t - (ends[r] - prompt_lens[r]), 0)
+    tokens = jnp.where(inside, prompt_buf[r, pos], 0)
+    return tokens[None], pos[None], jnp.where(inside, row, -1)[None]
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "plan"))
@@ -223,12 +265,14 @@ class Request:
     key: jax.Array
 
 
-def make_request(model, prompts: list[list[int]], options: dict, step_tokens: int = 1) -> Request:
-    """Validate `options` (names and defaults of `OPTIONS`) and the prompts, and lay out the inputs."""
+def make_request(model, prompts: list[list[int]], options: dict, step_tokens: int = 1,
+                 packable: bool = False) -> Request:
+    """Validate `options` (names and defaults of `OPTIONS`) and the prompts, and lay out the inputs
+    (`packable`: a packed prefill may be planned, see `make_plan`)."""
     unknown = set(options) - set(OPTIONS)
     require(not unknown, f"unknown options: {sorted(unknown)}; known: {sorted(OPTIONS)}")
     o = OPTIONS | options
-    plan = make_plan(model.cfg, prompts, o["max_new_tokens"], o["prefill_chunk"], o["max_len"], step_tokens)
+    plan = make_plan(model.cfg, prompts, o["max_new_tokens"], o["prefill_chunk"], o["max_len"], step_tokens, packable)
     sampling = SamplingParams.create(o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repetition_penalty"])
     stops = model.cfg.eos_token_ids if o["stop_token_ids"] is None else o["stop_token_ids"]
     buf = np.zeros((plan.batch, plan.slots), np.int32)
@@ -251,7 +295,7 @@ def generate(model, prompts: list[list[int]], **options) -> GenerationResult:
     tokens `[B, max_new_tokens]`, per-row lengths and stats: forward_passes, prefill_s, decode_s
     (compile time excluded, reported as `compile_s`), tokens_per_s (decode only).
     """
-    req = make_request(model, prompts, options)
+    req = make_request(model, prompts, options, packable=packs(model))
     plan = req.plan
     statics = {"family": model.family, "cfg": model.cfg}
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import jax
 
 from pdx import settings
 
-TARGETS = ("pdx_gemv_bf16", "pdx_gemv_int8", "pdx_decode_attention")
+TARGETS = ("pdx_gemv_bf16", "pdx_gemv_int8", "pdx_cached_attention")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = sorted(glob.glob(os.path.join(_HERE, "*.cc")))
 _HEADERS = sorted(glob.glob(os.path.join(_HERE, "*.h")))

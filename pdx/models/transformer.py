@@ -166,6 +166,19 @@ def _write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     return buf.at[:, rows, :, slots].set(values, mode="drop")
 
 
+def _write_packed(buf: jax.Array, new: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
+    """Write packed keys `new [1, K, T, H]` into `buf [B, K, S, H]`: key t at slot `slots[t]` of row
+    `rows[t]` (out of range: dropped)."""
+    return buf.at[rows, :, slots].set(new[0].astype(buf.dtype).transpose(1, 0, 2), mode="drop")  # [T, K, H]
+
+
+def _packed_rows(cache_rows: jax.Array, valid: jax.Array, n_rows: int) -> jax.Array:
+    """`cache_rows [1, T]` as write targets `[T]`: padding and out-of-range rows go to `n_rows` (dropped;
+    a negative index would wrap)."""
+    rows = cache_rows[0]
+    return jnp.where(valid[0] & (rows >= 0) & (rows < n_rows), rows, n_rows)
+
+
 def _cache_layout(cache: KVCache, per_layer: bool) -> tuple:
     """(k, v) of `cache` in the layout the params' layout runs on (a copy only on a mismatch)."""
     if cache.per_layer == per_layer:
@@ -186,6 +199,7 @@ def hidden_states(
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
     tree_mask: jax.Array | None = None,
+    cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` and the updated cache.
 
@@ -198,13 +212,25 @@ def hidden_states(
     queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
     `tree_mask [B, T, T]` (optional) is ANDed with the visibility among the new tokens: speculative tree
     verification, where each node (position = prefix length + depth) sees only its ancestors.
+    `cache_rows [1, T]` (optional, causal, with a cache): packed tokens of several cache rows in one
+    sequence, token t of row `cache_rows[0, t]` (-1: padding) at position = slot `positions[0, t]`;
+    its key is written there and it sees that row's slots up to its own, so one forward prefills
+    uneven prompts without padding each to the longest. Each row's tokens must continue it
+    (`lengths[r]` becomes its last written position + 1).
     """
     mode = masks.as_mask_mode(mask_mode)
     b, t = tokens.shape
+    packed = cache_rows is not None
+    if packed:
+        require(cache is not None and mode.kind == "causal" and b == 1 and cache_visible is None
+                and tree_mask is None and cache_rows.shape == tokens.shape,
+                f"cache_rows [1, T] packs causal tokens into a cache (no cache_visible or tree_mask); got "
+                f"tokens {tokens.shape}, cache_rows {cache_rows.shape}, mask {mode.kind}, cache {cache is not None}")
     x = nn.embed(params["embed"], tokens)  # [B, T, D]
     cos, sin = nn.rope_tables(positions, nn.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     if valid is None:
         valid = jnp.ones((b, t), bool)
+    rows = _packed_rows(cache_rows, valid, cache.lengths.shape[0]) if packed else None  # [T]
     windows = jnp.asarray(cfg.windows, jnp.int32)  # [L]
 
     def project(x, p):
@@ -236,7 +262,7 @@ def hidden_states(
         with jax.named_scope("attention"):
             in_cache = written and cached is not None and cache_visible is None and tree_mask is None
             o = attend(q, k, v, positions, valid, mode, window, None if cached is None else (*cached, cache.lengths),
-                       cache_visible=cache_visible, new_in_cache=in_cache, new_mask=tree_mask)
+                       cache_visible=cache_visible, new_in_cache=in_cache, new_mask=tree_mask, rows=rows)
             o = nn.dense("btf,df->btd", o.reshape(b, t, -1), p["wo"])
             x = x + (o + p["bo"].astype(o.dtype) if cfg.attention_out_bias else o)
         with jax.named_scope("mlp"):
@@ -244,6 +270,9 @@ def hidden_states(
             if "w_gate_up" in p:
                 return x + nn.swiglu(h, p["w_gate_up"], None, p["w_down"])
             return x + nn.swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+
+    def write(buf, new):  # one layer's new keys or values into its cache buffer
+        return _write_packed(buf, new, rows, positions[0]) if packed else _write_rows(buf, new, cache.lengths)
 
     layers = params["layers"]
     per_layer = isinstance(layers, (list, tuple))
@@ -256,7 +285,7 @@ def hidden_states(
             if cache is not None:
                 # Write this layer's new keys before its attention reads the buffer: a read after the
                 # write lets XLA update the buffer in place (reading first and writing after copied it).
-                ck[i], cv[i] = _write_rows(ck[i], k, cache.lengths), _write_rows(cv[i], v, cache.lengths)
+                ck[i], cv[i] = write(ck[i], k), write(cv[i], v)
                 cached = (ck[i], cv[i])
             x = finish(x, p, windows[i], q, k, v, cached, written=True)
         ck, cv = (None, None) if cache is None else (tuple(ck), tuple(cv))
@@ -265,16 +294,25 @@ def hidden_states(
         def layer(x, xs):
             p, window, cached = xs
             q, k, v = project(x, p)
+            if packed:  # attention reads the keys from the cache: write this layer's first, return it whole
+                cached = (write(cached[0], k), write(cached[1], v))
+                return finish(x, p, window, q, k, v, cached, written=True), cached
             return finish(x, p, window, q, k, v, cached, written=False), (k, v)
 
         x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, None if cache is None else (ck, cv)))
-        if cache is not None:  # new_k: [L, B, K, T, H]
+        if packed:  # new_k: the whole [L, B, K, S, H] cache
+            ck, cv = new_k, new_v
+        elif cache is not None:  # new_k: [L, B, K, T, H]
             ck, cv = _write_rows(ck, new_k, cache.lengths), _write_rows(cv, new_v, cache.lengths)
     x = nn.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cache is not None:
         if cache.per_layer != per_layer:
             ck, cv = _cache_layout(KVCache(ck, cv, cache.lengths), cache.per_layer)
-        cache = KVCache(ck, cv, cache.lengths + valid.sum(-1, dtype=jnp.int32))
+        if packed:
+            lengths = cache.lengths.at[rows].max(positions[0] + 1, mode="drop")
+        else:
+            lengths = cache.lengths + valid.sum(-1, dtype=jnp.int32)
+        cache = KVCache(ck, cv, lengths)
     return x, cache
 
 
@@ -356,6 +394,7 @@ def forward(
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
     tree_mask: jax.Array | None = None,
+    cache_rows: jax.Array | None = None,
     logits: str = "all",
     trace: bool = False,
 ):
@@ -363,12 +402,21 @@ def forward(
     back by its lengths alone); see `hidden_states`.
 
     logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token
-    only (prefill needs no more, and the LM head is a fifth of a SmolLM2 prefill's FLOPs)."""
+    only (prefill needs no more, and the LM head is a fifth of a SmolLM2 prefill's FLOPs); with
+    `cache_rows`, `[R, 1, V]` at the last token of each of the cache's R rows (position 0's for a row
+    with none)."""
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
-    x, cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode=mask_mode, valid=valid,
-                             cache_visible=cache_visible, tree_mask=tree_mask)
-    if logits == "last":
+    x, new_cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode=mask_mode, valid=valid,
+                                 cache_visible=cache_visible, tree_mask=tree_mask, cache_rows=cache_rows)
+    if logits == "last" and cache_rows is not None:
+        n_rows = cache.lengths.shape[0]
+        rows = _packed_rows(cache_rows, jnp.ones_like(cache_rows, bool) if valid is None else valid, n_rows)
+        last = jnp.zeros((n_rows,), jnp.int32).at[rows].max(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                                             mode="drop")
+        x = x[0, last][:, None]  # [R, 1, D]
+    elif logits == "last":
         x = nn.last_valid(x, valid)
+    cache = new_cache
     out = lm_head(params, cfg, x)
     return (out, cache, None) if trace else (out, cache)
 

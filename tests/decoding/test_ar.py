@@ -94,6 +94,30 @@ def test_default_prefill_chunk_computes_the_fewest_rows(tiny_cfg_module, batch, 
     assert explicit.prefill_chunk == 8 and explicit.single_pass == (longest <= 8)  # an explicit chunk is kept
 
 
+@pytest.mark.parametrize("lengths, packed, width", [([160] + [100] * 15, True, 1664), ([125, 118, 117, 116], True, 512),
+                                                    ([125], False, 128), ([40] * 16, True, 640),
+                                                    ([3000, 1500], False, 512)])
+def test_uneven_prompts_are_packed_where_that_computes_fewer_rows(tiny_cfg_module, lengths, packed, width):
+    plan = ar.make_plan(tiny_cfg_module, [[1] * n for n in lengths], 8, None, packable=True)
+    assert (plan.packed, plan.prefill_chunk) == (packed, width)
+    assert plan.single_pass == (packed or max(lengths) <= width)
+    if packed:  # rows are written at their positions only: no chunk's room past the text
+        assert plan.slots == ar._round_up(max(lengths) + 8 + 1, ar.SLOT_BUCKET)
+    assert not ar.make_plan(tiny_cfg_module, [[1] * n for n in lengths], 8, None).packed  # not packable
+    assert not ar.make_plan(tiny_cfg_module, [[1] * n for n in lengths], 8, 32, packable=True).packed  # chunk given
+
+
+def test_packed_prefill_gives_the_chunked_tokens(tiny_model):
+    """Uneven prompts (and a batch-padding row) prefilled packed decode exactly as chunked, greedy and sampled."""
+    assert ar.packs(tiny_model)  # head_dim 16: the CPU kernel (the suite's machines build it)
+    prompts = [[(5 * i + j) % 120 + 3 for i in range(n)] for j, n in enumerate([37, 5, 90])]
+    for opts in ({}, {"temperature": 0.9, "seed": 3, "repetition_penalty": 1.3}):
+        packed = ar.generate(tiny_model, prompts, max_new_tokens=10, stop_token_ids=[], **opts)
+        chunked = ar.generate(tiny_model, prompts, max_new_tokens=10, stop_token_ids=[], prefill_chunk=32, **opts)
+        assert packed.stats["prefill_chunks"] == 1 and chunked.stats["prefill_chunks"] == 3
+        assert packed.tokens.tolist() == chunked.tokens.tolist()
+
+
 def test_chunk_size_does_not_change_the_tokens(tiny_model):
     prompt = [(7 * i) % 120 + 3 for i in range(20)]
     default = ar.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[])  # one 32-token chunk

@@ -212,3 +212,46 @@ def test_config_and_mask_errors(tiny_cfg):
         MaskMode("diagonal")
     with pytest.raises(InvalidInputError, match="block_size"):
         MaskMode("block_causal")
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+@pytest.mark.parametrize("head_dim", [16, 8])  # 16: the CPU kernel (where built); 8: the jnp spec
+def test_packed_prefill_equals_the_padded_batch(tiny_cfg, layout, head_dim):
+    """Three prompts packed into one sequence (cache_rows, with padding) give each cache row the keys,
+    length and last-token logits that the right-padded batch gives, and decoding goes on the same."""
+    cfg = dataclasses.replace(tiny_cfg, head_dim=head_dim, layer_windows=(0, 3))
+    params = tf.init_params(cfg, jax.random.PRNGKey(1), scale=0.2)
+    params = tf.unstack_layers(params) if layout == "per_layer" else params
+    seqs = [[5, 9, 3, 7, 1, 2], [4, 8, 6], [10, 11, 12, 13]]
+    width = max(map(len, seqs))
+    padded = jnp.array([s + [0] * (width - len(s)) for s in seqs])
+    valid = jnp.arange(width)[None] < jnp.array([[len(s)] for s in seqs])
+    new = lambda: tf.init_cache(cfg, 3, 16, per_layer=layout == "per_layer")  # noqa: E731
+    want, want_cache = tf.forward(params, cfg, padded, jnp.broadcast_to(jnp.arange(width), (3, width)), new(),
+                                  valid=valid, logits="last")
+    order = [(1, i) for i in range(3)] + [(0, i) for i in range(6)] + [(2, i) for i in range(4)]  # rows interleave
+    tokens = jnp.array([[seqs[r][i] for r, i in order] + [0, 0]])
+    rows = jnp.array([[r for r, _ in order] + [-1, -1]])
+    pos = jnp.array([[i for _, i in order] + [0, 0]])
+    got, cache = tf.forward(params, cfg, tokens, pos, new(), valid=rows >= 0, cache_rows=rows, logits="last")
+    assert got.shape == (3, 1, cfg.vocab_size) and cache.lengths.tolist() == [6, 3, 4]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for a, b in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
+        a, b = np.asarray(a), np.asarray(b)  # [L, B, K, S, H] either way
+        for r, s in enumerate(seqs):
+            np.testing.assert_allclose(a[:, r, :, : len(s)], b[:, r, :, : len(s)], atol=1e-5)
+    step = jnp.array([[7], [8], [9]])
+    after, _ = tf.forward(params, cfg, step, cache.lengths[:, None], cache)
+    ref, _ = tf.forward(params, cfg, step, want_cache.lengths[:, None], want_cache)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(ref), atol=1e-5)
+
+
+def test_packed_rows_are_checked(tiny_cfg):
+    params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0))
+    tokens, pos = jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None]
+    rows = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(InvalidInputError, match="cache_rows"):
+        tf.forward(params, tiny_cfg, tokens, pos, cache_rows=rows)  # no cache
+    with pytest.raises(InvalidInputError, match="cache_rows"):
+        tf.forward(params, tiny_cfg, tokens, pos, tf.init_cache(tiny_cfg, 2, 8), cache_rows=rows,
+                   mask_mode=BIDIRECTIONAL)
