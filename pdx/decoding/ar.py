@@ -91,11 +91,10 @@ def _chunked_rows(batch: int, longest: int, chunk: int) -> int:
     return (_round_up(longest, chunk) // chunk) * max(batch * chunk, PASS_MIN_ROWS)
 
 
-def packs(model) -> bool:
-    """Whether `model` prefills packed prompts fast: its family honours `cache_rows` and the packed
+def packs(family, cfg) -> bool:
+    """Whether the model prefills packed prompts fast: its family honours `cache_rows` and the packed
     attention runs a kernel on this backend (its jnp spec gathers a cache row per token)."""
-    caps = model.family.capabilities(model.cfg)
-    return "cache_rows" in caps.extras and attend.packed_is_fast(model.cfg.head_dim)
+    return "cache_rows" in family.capabilities(cfg).extras and attend.packed_is_fast(cfg.head_dim)
 
 
 def default_chunk(batch: int, longest: int) -> int:
@@ -295,7 +294,7 @@ def generate(model, prompts: list[list[int]], **options) -> GenerationResult:
     tokens `[B, max_new_tokens]`, per-row lengths and stats: forward_passes, prefill_s, decode_s
     (compile time excluded, reported as `compile_s`), tokens_per_s (decode only).
     """
-    req = make_request(model, prompts, options, packable=packs(model))
+    req = make_request(model, prompts, options, packable=packs(model.family, model.cfg))
     plan = req.plan
     statics = {"family": model.family, "cfg": model.cfg}
     t0 = time.perf_counter()

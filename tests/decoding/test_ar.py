@@ -109,7 +109,7 @@ def test_uneven_prompts_are_packed_where_that_computes_fewer_rows(tiny_cfg_modul
 
 def test_packed_prefill_gives_the_chunked_tokens(tiny_model):
     """Uneven prompts (and a batch-padding row) prefilled packed decode exactly as chunked, greedy and sampled."""
-    assert ar.packs(tiny_model)  # head_dim 16: the CPU kernel (the suite's machines build it)
+    assert ar.packs(tiny_model.family, tiny_model.cfg)  # head_dim 16: the CPU kernel (the suite's machines build it)
     prompts = [[(5 * i + j) % 120 + 3 for i in range(n)] for j, n in enumerate([37, 5, 90])]
     for opts in ({}, {"temperature": 0.9, "seed": 3, "repetition_penalty": 1.3}):
         packed = ar.generate(tiny_model, prompts, max_new_tokens=10, stop_token_ids=[], **opts)

@@ -224,6 +224,10 @@ class TreeDraft:
     def cfg(self):
         return self.draft.cfg
 
+    @property
+    def family(self):
+        return self.draft.family
+
     def arrays(self, model):
         return self.draft.params
 

@@ -200,7 +200,9 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
         require(draft_cfg.vocab_size == model.cfg.vocab_size,
                 f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs from the target's "
                 f"({model.cfg.vocab_size}); speculative decoding needs a shared vocabulary")
-    req = ar.make_request(model, prompts, options, step_tokens=(drafter.tree.size if is_tree else kmax) + 2)
+    packable = ar.packs(model.family, model.cfg) and (draft_cfg is None or ar.packs(drafter.family, draft_cfg))
+    req = ar.make_request(model, prompts, options, step_tokens=(drafter.tree.size if is_tree else kmax) + 2,
+                          packable=packable)
     statics = {"family": model.family, "cfg": model.cfg, "drafter": drafter}
     arrays = drafter.arrays(model)
     t0 = time.perf_counter()
