@@ -158,7 +158,8 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
 
     Runs `prefill_chunk` tokens at a time with a traced trip count (the longest prompt's chunks), or
     one pass outside any loop when the plan is `single_pass`: XLA CPU ran a one-chunk loop 1.3x slower
-    than the same forward unlooped (SmolLM2 bf16, 128 tokens: 0.155 vs 0.118 s).
+    than the same forward unlooped (SmolLM2 bf16, 128 tokens: 0.155 vs 0.118 s); a `packed` plan's one
+    pass runs every prompt end to end in a single sequence (`forward(..., cache_rows=)`).
     """
     b, c = plan.batch, plan.prefill_chunk
     cache = protocol.new_cache(family, params, cfg, b, plan.slots, jnp.float32)
