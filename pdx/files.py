@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -23,8 +24,9 @@ def atomic_write(path: str, data: bytes | str) -> None:
 
 def atomic_dir(path: str, write) -> None:
     """Call `write(tmp)` on a fresh temporary sibling directory of `path`, then rename it into place: a
-    reader sees the old directory or the new one, and a crash leaves only a `.tmp-` sibling behind."""
+    reader sees the old directory or the new one; what a killed writer left is repaired by `recover_dir`."""
     path = os.path.abspath(path)
+    recover_dir(path)
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -37,3 +39,29 @@ def atomic_dir(path: str, write) -> None:
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(path: str) -> None:
+    """Repair what an `atomic_dir` writer killed mid-swap left beside `path`: a dead writer's `.old-`
+    sibling (the last complete directory) goes back into place if `path` is gone, else is removed, and
+    its `.tmp-` sibling (never complete until renamed) is removed. Live writers' siblings are left alone."""
+    path = os.path.abspath(path)
+    for kind in ("old", "tmp"):
+        for sibling in sorted(glob.glob(f"{glob.escape(path)}.{kind}-*")):
+            pid = sibling.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not os.path.exists(path):
+                os.rename(sibling, path)
+            else:
+                shutil.rmtree(sibling, ignore_errors=True)

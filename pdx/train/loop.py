@@ -9,17 +9,15 @@ draws the same batches and keys and so computes the same losses (XLA on CPU is d
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from pdx.errors import InvalidInputError
-from pdx.files import atomic_dir
+from pdx.files import atomic_dir, recover_dir
 
 STATE, PROGRESS = "state", "progress.json"
 
@@ -85,8 +83,7 @@ def fit(params, optimizer, step_fn: Callable, batch_fn: Callable, *, steps: int,
     opt_state = optimizer.init(params)
     start, losses = 0, []
     if checkpoint_dir:
-        for stale in glob.glob(f"{os.path.abspath(checkpoint_dir)}.tmp-*"):  # a save cut off by a kill: one run
-            shutil.rmtree(stale, ignore_errors=True)  # trains per state directory, so no writer owns it now
+        recover_dir(checkpoint_dir)  # what a run killed while saving left: a half-written or swapped-out state
         if os.path.isfile(os.path.join(checkpoint_dir, PROGRESS)):
             params, opt_state, start, losses = _restore(checkpoint_dir, params, opt_state, rng)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=desc)
