@@ -82,11 +82,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", ca
 
 def _convert(path: str):
     """(family, config, params as loaded, tokenizer or None) of the checkpoint at `path`."""
+    from pdx import checkpoint
     from pdx.io import dllm_hf, gguf_file, hf_checkpoint, mamba2_checkpoint, orbax_checkpoint, tokenizer
     from pdx.models import mamba2, sambay, transformer
 
     family, tok = transformer, None
-    if os.path.isfile(os.path.join(path, orbax_checkpoint.META)):  # a tiny dLLM trained by pdx
+    if os.path.isfile(os.path.join(path, checkpoint.META)):  # a tiny dLLM trained by pdx
         cfg, params, _ = orbax_checkpoint.load_dllm(path)
     elif os.path.isdir(path):
         from pdx.io import sambay_checkpoint  # SambaY / Phi-4-mini-flash (model_type "phi4flash")

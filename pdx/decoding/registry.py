@@ -104,6 +104,10 @@ def _tree(options: dict) -> protocol.Needs:
     return protocol.Needs(**_TREE, layer_skip=options.get("draft") is None)
 
 
+def _hidden_tree(options: dict) -> protocol.Needs:
+    return protocol.Needs(**_TREE, hidden_states=True)
+
+
 def _lookahead(options: dict) -> protocol.Needs:
     return protocol.Needs(**_TREE)
 
@@ -143,6 +147,11 @@ STRATEGIES: dict[str, Strategy] = {
                           "(a draft model, else the layer-skipped target)",
                           SPECULATIVE | SKIP | {"tree": Option("int_list", ge=1, le=16),
                                                 "draft": Option("model", nullable=True)}, _tree),
+    "spec-medusa": Strategy(f"{_SPEC}:spec_medusa", "speculative, trained Medusa heads draft a tree from the "
+                            "target's hidden states", SPECULATIVE | {"heads": Option("str", nullable=True),
+                                                                     "tree": Option("int_list", ge=1, le=16,
+                                                                                    nullable=True)},
+                            _hidden_tree),
     "lookahead": Strategy(f"{_SPEC}:lookahead", "lookahead decoding, the target alone (Jacobi window + n-gram pool)",
                           SPECULATIVE | {"window": Option("int", ge=1, le=64), "ngram_size": Option("int", ge=2, le=16),
                                          "guesses": Option("int", ge=1, le=64)}, _lookahead),

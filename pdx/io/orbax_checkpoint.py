@@ -4,18 +4,14 @@ then renamed into place, so a crash never leaves a half-written checkpoint under
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
-import jax
 import numpy as np
 
+from pdx.checkpoint import load_arrays, save_arrays
 from pdx.errors import ModelLoadError
-from pdx.files import atomic_dir
 from pdx.models import transformer
 from pdx.models.layers import RopeScaling
-
-META = "meta.json"
 
 
 def config_to_json(cfg: transformer.Config) -> dict:
@@ -34,32 +30,15 @@ def config_from_json(d: dict) -> transformer.Config:
 
 def save(path: str | os.PathLike, params: dict, cfg: transformer.Config, meta: dict) -> None:
     """Write `params` (orbax) and `meta.json` (config + `meta`) to `path`, replacing it atomically."""
-    import orbax.checkpoint as ocp
-
-    def write(tmp: str) -> None:
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(tmp, "params"), jax.device_get(params))
-            ckpt.wait_until_finished()
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"config": config_to_json(cfg), **meta}, f, indent=1)
-
-    atomic_dir(os.fspath(path), write)
+    save_arrays(path, params, {"config": config_to_json(cfg), **meta})
 
 
 def load(path: str | os.PathLike) -> tuple[dict, transformer.Config, dict]:
     """(params as numpy, config, meta) of a checkpoint written by `save`."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    meta_file = os.path.join(path, META)
-    if not os.path.isfile(meta_file):
-        raise ModelLoadError(f"{path} is not a pdx dLLM checkpoint (no meta.json)")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    cfg = config_from_json(meta.pop("config"))
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(path, "params"))
-    return jax.tree.map(np.asarray, params), cfg, meta
+    params, meta = load_arrays(path, "pdx dLLM checkpoint")
+    if "config" not in meta:
+        raise ModelLoadError(f"{path} is not a pdx dLLM checkpoint (meta.json has no config)")
+    return params, config_from_json(meta.pop("config")), meta
 
 
 def load_dllm(path: str | os.PathLike) -> tuple[transformer.Config, dict, dict]:

@@ -93,6 +93,11 @@ def lm_head(params: dict, cfg, x: jax.Array) -> jax.Array:
     return dense("...d,vd->...v", x, w).astype(jnp.float32)
 
 
+def lm_head_rows(params: dict, cfg, ids: jax.Array) -> jax.Array:
+    """fp32 rows `[n, D]` of the output embedding for token `ids [n]` (`lm_head` restricted to them)."""
+    return embed(params["embed"] if cfg.tie_embeddings else params["lm_head"], ids)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in fp32 and cast back, as Llama does."""
     xf = x.astype(jnp.float32)

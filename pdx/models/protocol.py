@@ -16,6 +16,10 @@ strategy.
     is_per_layer(params) -> bool                   which layout the params are in
     unstack_layers(params) / stack_layers(params)  per-layer (fast on XLA CPU) <-> stacked
     skip_layers(params, cfg, skip) -> (params, cfg)  the model without layers `skip` (layer_skip only)
+    hidden_states(params, cfg, tokens, positions, cache=None, **forward keywords but logits/trace)
+        -> (final-normed hidden states [B, T, D], cache)          (hidden_states only)
+    lm_head(params, cfg, x [..., D]) -> fp32 logits [..., V]     (hidden_states only)
+    lm_head_rows(params, cfg, ids [n]) -> fp32 [n, D]: output-embedding rows (a drafter's vocabulary subset)
     capabilities(cfg) -> Capabilities
 
 Every family's `forward` takes every keyword; one it does not declare in `extras` (or a mask mode
@@ -46,6 +50,7 @@ class Capabilities:
     extras: frozenset[str]  # optional `forward` keywords it honours (subset of EXTRAS)
     rollback: str  # ROLLBACK_KV or ROLLBACK_TRACE
     layer_skip: bool = False  # `skip_layers` exists (self-speculation)
+    hidden_states: bool = False  # `hidden_states`, `lm_head`, `lm_head_rows` exist (drafting from hidden states)
     int8_weights: bool = False  # `pdx.models.quant.quantize_params` applies to its params
     logit_shift: int = 0  # dLLM: logits at position i predict the token at i + logit_shift (Dream: 1)
     layouts: frozenset[str] = frozenset({"stacked", "per_layer"})
@@ -59,6 +64,7 @@ class Needs:
     mask_modes: frozenset[str] = frozenset({"causal"})
     extras: frozenset[str] = frozenset()
     layer_skip: bool = False
+    hidden_states: bool = False
     rollback: str | None = None  # a required rollback kind (tree verification compacts KV slots: ROLLBACK_KV)
 
 
@@ -77,6 +83,8 @@ def missing(caps: Capabilities, needs: Needs) -> list[str]:
                     "cache_rows": "it packs the tokens of several cache rows into one sequence"}[extra])
     if needs.layer_skip and not caps.layer_skip:
         out.append("it drops layers to draft (layer skipping)")
+    if needs.hidden_states and not caps.hidden_states:
+        out.append("it drafts from the target's hidden states (hidden_states, lm_head)")
     if needs.rollback is not None and caps.rollback != needs.rollback:
         out.append(f"it rolls back by {needs.rollback.replace('_', ' ')}, and this model's state needs "
                    f"{caps.rollback.replace('_', ' ')}")

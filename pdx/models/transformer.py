@@ -30,7 +30,7 @@ from pdx.kernels_pallas.attend import attend
 from pdx.masks import CAUSAL, MaskMode
 from pdx.models import layers as nn
 from pdx.models import protocol
-from pdx.models.layers import RopeScaling, lm_head
+from pdx.models.layers import RopeScaling, lm_head, lm_head_rows  # noqa: F401 (protocol: hidden_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ def capabilities(cfg: Config) -> protocol.Capabilities:
         name="a Llama-family transformer",
         objective=protocol.CAUSAL_LM if cfg.mask_token_id is None else protocol.MASKED_DIFFUSION,
         mask_modes=frozenset(protocol.MASK_KINDS), extras=frozenset(protocol.EXTRAS), rollback=protocol.ROLLBACK_KV,
-        layer_skip=True, int8_weights=True, logit_shift=cfg.logit_shift)
+        layer_skip=True, hidden_states=True, int8_weights=True, logit_shift=cfg.logit_shift)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32, *, per_layer: bool | None = None) -> KVCache:

@@ -9,8 +9,12 @@ per-layer params (what `pdx.load_model` gives on CPU) and stacked params with st
 """
 
 import dataclasses
+import functools
+import os
+import tempfile
 
 import jax
+import numpy as np
 import pytest
 
 from pdx.decoding import compiled, registry
@@ -62,6 +66,23 @@ def draft_for(name: str, layout: str) -> Model:
     return build(name, layout, seed=7)
 
 
+@functools.cache
+def medusa_heads(name: str) -> str:
+    """A checkpoint of random Medusa heads for the family's tiny model (a path that does not exist for a
+    family without hidden states: the strategy refuses it before reading anything)."""
+    if not FAMILIES[name][0]()[2].capabilities(FAMILIES[name][0]()[0]).hidden_states:
+        return "/nonexistent/medusa"
+    from pdx.decoding.speculative import head_checkpoint, medusa
+
+    model = build(name, "stacked")
+    heads = medusa.init_heads(model.cfg.hidden_size, 2, model.cfg.vocab_size)
+    heads["w"] = 0.5 * jax.random.normal(jax.random.PRNGKey(1), heads["w"].shape) / model.cfg.hidden_size ** 0.5
+    path = os.path.join(tempfile.mkdtemp(prefix="pdx-medusa-"), "heads")
+    head_checkpoint.save(path, medusa.KIND, {"heads": heads, "vocab": np.arange(model.cfg.vocab_size)}, model,
+                         {"tree": [[0], [1], [0, 0]]})
+    return path
+
+
 # Options under which each strategy's greedy output must equal the family's reference decoding
 # (a function of the family name and layout, so draft models can be built). Every strategy needs one.
 EXACT = {
@@ -71,6 +92,7 @@ EXACT = {
     "spec-layerskip": lambda f, lay: {"k": 3, "skip": [1]},
     "spec-aded": lambda f, lay: {"k": 3},
     "spec-tree": lambda f, lay: {"tree": [2, 2], "skip": [1]},
+    "spec-medusa": lambda f, lay: {"heads": medusa_heads(f)},
     "lookahead": lambda f, lay: {"window": 3, "ngram_size": 3, "guesses": 2},
     "llada": lambda f, lay: {"block_size": 5},
     "fast-dllm": lambda f, lay: {"block_size": 5, "threshold": 1.0, "cache": "none"},
@@ -78,8 +100,8 @@ EXACT = {
 
 # The support matrix as declared today: a change in a family's capabilities must show up here too.
 UNSUPPORTED = {
-    ("mamba2", "spec-tree"), ("mamba2", "lookahead"),
-    ("sambay", "spec-layerskip"), ("sambay", "spec-tree"), ("sambay", "lookahead"),
+    ("mamba2", "spec-tree"), ("mamba2", "lookahead"), ("mamba2", "spec-medusa"),
+    ("sambay", "spec-layerskip"), ("sambay", "spec-tree"), ("sambay", "lookahead"), ("sambay", "spec-medusa"),
 } | {(f, s) for f in ("transformer", "mamba2", "sambay") for s in ("llada", "fast-dllm")} \
   | {(f, s) for f in ("llada-dllm", "dream-dllm") for s in registry.STRATEGIES if s not in ("llada", "fast-dllm")}
 

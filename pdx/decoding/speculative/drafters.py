@@ -14,9 +14,12 @@ deterministic (one-hot proposals).
 A tree drafter (run by `engine.tree_decode`) instead has a static `tree` (`tree.Tree`), `k` = its
 candidate depth, and
     propose(arrays, state, hist, pos, sampling, key) -> nodes [B, T], node_valid [B, T], state
-    observe(state, logits [B, T+1, V], pos, n)      -> state (sees the target's scores of every node)
+    observe(state, logits [B, T+1, V], pos, n, path [B, D], hidden [B, T+1, D] | None) -> state
+        (sees the target's scores of every node, the accepted path and, for a drafter with
+        `USES_HIDDEN`, the target's final hidden states there: `engine.tree_decode` then runs the
+        target's `hidden_states` and `lm_head` in place of `forward`)
 Chain drafters here: PromptLookup, DraftModel (draft_model, layer_skip), `ngram.NGramTable`; tree
-drafters: TreeDraft (tree_draft), `ngram.Lookahead`.
+drafters: TreeDraft (tree_draft), `ngram.Lookahead`, `medusa.Medusa`.
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ class TreeDraft:
             nodes = jnp.concatenate([nodes, kids], axis=1)
         return nodes, jnp.ones(nodes.shape, bool), cache  # [B, T]
 
-    def observe(self, state, logits, pos, n):
+    def observe(self, state, logits, pos, n, path, hidden):
         return state
 
 

@@ -154,6 +154,7 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
     tr = drafter.tree
     depth = jnp.asarray(tr.depth, jnp.int32)  # [T+1]
     mask = jnp.asarray(tr.mask)  # [T+1, T+1]
+    uses_hidden = getattr(drafter, "USES_HIDDEN", False)
 
     def body(s: SpecState) -> SpecState:
         key, k_draft, k_verify = jax.random.split(s.key, 3)
@@ -163,12 +164,18 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         tokens = jnp.concatenate([last, nodes], axis=1)  # [B, T+1]
         b, t = tokens.shape
         valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
-        logits, cache = family.forward(params, cfg, tokens, s.pos[:, None] + depth, s.cache, valid=valid,
-                                       tree_mask=jnp.broadcast_to(mask, (b, t, t)))  # [B, T+1, V]
+        args = (params, cfg, tokens, s.pos[:, None] + depth, s.cache)
+        kwargs = dict(valid=valid, tree_mask=jnp.broadcast_to(mask, (b, t, t)))
+        hidden = None
+        if uses_hidden:  # the drafter reads the target's hidden states: the same pass, split at the LM head
+            hidden, cache = family.hidden_states(*args, **kwargs)  # [B, T+1, D]
+            logits = family.lm_head(params, cfg, hidden)
+        else:
+            logits, cache = family.forward(*args, **kwargs)  # [B, T+1, V]
         n, path, nxt = lax.cond(sampling.temperature > 0,
                                 lambda: tree.verify_sampling(tr, logits, tokens, node_valid, sampling, k_verify),
                                 lambda: tree.verify_greedy(tr, logits, tokens, node_valid))
-        dstate = drafter.observe(dstate, logits, s.pos, n)
+        dstate = drafter.observe(dstate, logits, s.pos, n, path, hidden)
         cache = family.rollback(params, cfg, s.cache, tree.compact(cache, s.pos, path), None, keep(s, n))
         path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
         proposed = tree.offered_by_depth(tr, node_valid)
@@ -189,8 +196,10 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
     kmax = drafter.k
     is_tree = drafter.KIND == "tree"
     require(not (is_tree and adaptive), "adaptive draft length applies to chain drafters only (tree shapes are static)")
-    protocol.check(model.family, model.cfg, drafters.TREE_NEEDS if is_tree else protocol.Needs(),
-                   "tree verification" if is_tree else "speculative decoding")
+    needs = drafters.TREE_NEEDS if is_tree else protocol.Needs()
+    if getattr(drafter, "USES_HIDDEN", False):
+        needs = dataclasses.replace(needs, hidden_states=True)
+    protocol.check(model.family, model.cfg, needs, "tree verification" if is_tree else "speculative decoding")
     require(isinstance(kmax, int) and kmax >= 1, f"draft length K must be an int >= 1, got {kmax!r}")
     k0 = kmax if k_init is None else k_init
     require(1 <= k0 <= kmax, f"k_init must be in [1, K={kmax}], got {k0}")

@@ -239,7 +239,7 @@ class Lookahead:
         valid = jnp.concatenate([jnp.ones((b, n1 * self.window), bool), cand_valid], axis=1)
         return nodes, valid, st
 
-    def observe(self, st: PoolState, logits, pos, n):
+    def observe(self, st: PoolState, logits, pos, n, path, hidden):
         """One Jacobi step: the target's argmax after the newest level becomes a new level, and the
         window's columns (level 0 .. N-2, new) are N-grams for the pool."""
         n1, w = self.ngram - 1, self.window

@@ -1,5 +1,5 @@
 """CLI-facing speculative strategies (`pdx generate --strategy spec-pld|spec-aded|spec-draft|spec-layerskip|
-spec-tree|lookahead`).
+spec-tree|lookahead|spec-medusa`).
 
 Each takes `generate(model, prompts, **options)`; drafter options (k, adaptive, ...) are peeled
 off here and the rest go to the engine (same names as `pdx.decoding.ar.generate`).
@@ -12,7 +12,7 @@ step, 8 tokens 1.7x, 9 tokens 2.9x).
 from __future__ import annotations
 
 from pdx.decoding.registry import strategy
-from pdx.decoding.speculative import drafters, engine, ngram
+from pdx.decoding.speculative import drafters, engine, medusa, ngram
 from pdx.errors import InvalidInputError
 
 
@@ -84,3 +84,11 @@ def spec_tree(model, prompts, *, tree=(3, 2, 1, 1), draft=None, skip=None, num_s
     chain = (drafters.draft_model(model, draft, 1) if draft is not None
              else drafters.layer_skip(model, _skip_layers(model, prompts, skip, num_skip), 1))
     return engine.generate(model, prompts, drafter=drafters.tree_draft(chain, tree), **options)
+
+
+@strategy("spec-medusa")
+def spec_medusa(model, prompts, *, heads: str | None = None, tree=None, **options):
+    """Medusa heads on the target's hidden states draft a static tree (`medusa.py`). heads: a checkpoint
+    of `scripts/train_draft_heads.py` (default: the shipped SmolLM2 heads); tree: branching factors per
+    depth (default: the checkpoint's sparse tree)."""
+    return engine.generate(model, prompts, drafter=medusa.load(model, heads, tree), **options)

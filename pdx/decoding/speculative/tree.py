@@ -76,6 +76,17 @@ class Tree:
         return m
 
     @functools.cached_property
+    def rank(self) -> np.ndarray:
+        """[T+1]: index of node i among its parent's children, in node order (0 for the root): the top-k
+        rank a head-based drafter fills it with."""
+        seen: dict[int, int] = {}
+        r = np.zeros(len(self.parents), np.int32)
+        for i, p in enumerate(self.parents[1:], 1):
+            r[i] = seen.get(p, 0)
+            seen[p] = r[i] + 1
+        return r
+
+    @functools.cached_property
     def children(self) -> np.ndarray:
         """[T+1, C]: candidate children of each node in order, -1 padded (C = the widest branching)."""
         nodes = range(len(self.parents))
@@ -100,6 +111,30 @@ def branching(branches: tuple[int, ...]) -> Tree:
                 nxt.append(len(parents) - 1)
         level = nxt
     return Tree(tuple(parents), (False,) + (True,) * (len(parents) - 1))
+
+
+def from_paths(paths) -> Tree:
+    """A sparse tree from Medusa-style choices: each path is the top-k ranks from the root, e.g.
+    [[0], [1], [0, 0]] is the top-2 tokens of the first head and the top token of the second after the
+    first. Every prefix of a path must be a path too and a node's children hold ranks 0..m-1; nodes
+    come breadth-first, siblings in rank order (so `Tree.rank` gives back the last rank of each path)."""
+    try:
+        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        bad = not paths or any(not p or min(p) < 0 for p in paths)
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        raise InvalidInputError(f"a tree's paths are non-empty lists of ranks >= 0, got {paths!r}")
+    if len(paths) > 512:
+        raise InvalidInputError(f"a tree of {len(paths)} paths has more than 512 nodes")
+    index = {(): 0}
+    parents = [-1]
+    for p in paths:
+        if p[:-1] not in index or (p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in index):
+            raise InvalidInputError(f"tree path {list(p)} needs its prefix and its lower-ranked sibling as paths")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+    return Tree(tuple(parents), (False,) + (True,) * len(paths))
 
 
 def level_slices(branches: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -1,0 +1,107 @@
+"""Train Medusa draft heads for SmolLM2-135M-Instruct on its own continuations (`make_draft_data.py`).
+
+Steps: featurize the data once with the frozen target (cached in `--state`/features.npz), pick the
+vocabulary subset covering `--coverage` of the training targets, train the heads (resumable: the
+training state lives in `--state`/medusa), measure each head's top-k accuracy on the held-out
+sequences, build Medusa's greedy sparse tree of `--tree-size` nodes from it, and write the heads
+(bf16, with the subset and the tree) to the shipped checkpoint. The loss curve goes to
+bench/draft_heads_loss.png, the accuracies and the recipe to bench/draft_heads.json.
+
+    nice -n 10 python scripts/train_draft_heads.py [--steps 1500] [--tree-size 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdx.decoding.speculative import head_checkpoint, medusa
+from pdx.files import atomic_write
+from pdx.model import load_model
+from pdx.train import diffusion
+from pdx.train import draft_heads as dh
+from scripts.make_draft_data import read_shards
+
+
+def features(model, data: str, state: str, num_heads: int) -> dict:
+    """{train,heldout}_{feats,targets}: cached after the first run (the target's pass is the slow part)."""
+    path = os.path.join(state, "features.npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            if z["train_targets"].shape[1] == num_heads:
+                return dict(z)
+    out = {}
+    for kind in ("train", "heldout"):
+        seqs = read_shards(data, kind)
+        if not seqs:
+            raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
+        f, t = dh.featurize(model, seqs, num_heads)
+        out[f"{kind}_feats"], out[f"{kind}_targets"] = f.astype(np.float16), t
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    os.makedirs(state, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="runs/draft_data")
+    ap.add_argument("--state", default="runs/draft_heads")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--coverage", type=float, default=0.99)
+    ap.add_argument("--tree-size", type=int, default=15, help="nodes of the sparse tree (a pass scores one more)")
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--out", default=medusa.DEFAULT_HEADS)
+    ap.add_argument("--bench", default="bench")
+    args = ap.parse_args(argv)
+    model = load_model()
+    t0 = time.time()
+    data = features(model, args.data, args.state, args.heads)
+    feat_s = time.time() - t0
+    tc = dh.TrainConfig(num_heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr, coverage=args.coverage)
+    vocab = dh.vocab_subset(data["train_targets"], tc.coverage)
+    out_rows = np.asarray(model.family.lm_head_rows(model.params, model.cfg, jnp.asarray(vocab)))
+    print(f"{len(data['train_feats'])} training rows, {len(data['heldout_feats'])} held-out; vocabulary subset "
+          f"{len(vocab)} of {model.cfg.vocab_size} tokens covers {tc.coverage:.0%} of targets", flush=True)
+    t1 = time.time()
+    heads, losses = dh.train(out_rows, data["train_feats"], dh.to_subset(data["train_targets"], vocab), tc,
+                             checkpoint_dir=os.path.join(args.state, "medusa"), save_every=args.save_every)
+    train_s = time.time() - t1
+    shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
+    as_run = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped)
+    acc = dh.topk_accuracy(as_run, out_rows, vocab, data["heldout_feats"], data["heldout_targets"])
+    heldout_loss = float(dh.loss_fn(as_run, jnp.asarray(out_rows), jnp.asarray(data["heldout_feats"], jnp.float32),
+                                    jnp.asarray(dh.to_subset(data["heldout_targets"], vocab))))
+    paths, expected = dh.sparse_tree(acc, args.tree_size)
+    recipe = json.load(open(os.path.join(args.data, "recipe.json")))
+    meta = {"tree": paths, "expected_accepted_per_pass": round(expected, 3), "heldout_topk_accuracy":
+            np.round(acc, 4).tolist(), "heldout_loss": round(heldout_loss, 4), "vocab_subset": len(vocab),
+            "train": dataclasses.asdict(tc), "data": {k: v for k, v in recipe.items() if k != "args"}}
+    head_checkpoint.save(args.out, medusa.KIND, {"heads": shipped, "vocab": vocab}, model, meta)
+    os.makedirs(args.bench, exist_ok=True)
+    report = {**meta, "features_s": round(feat_s, 1), "train_s": round(train_s, 1),
+              "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
+              "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
+    atomic_write(os.path.join(args.bench, "draft_heads.json"), json.dumps(report))
+    diffusion.plot_losses({"medusa": np.asarray(losses)}, os.path.join(args.bench, "draft_heads_loss.png"),
+                          title="Medusa heads on SmolLM2-135M-Instruct",
+                          ylabel="weighted cross-entropy (nats, heads 1-4)")
+    print(json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
