@@ -146,6 +146,7 @@ def _run_script(kind: str, name: str, argv: list[str]) -> None:
         raise InvalidInputError(f"no {kind} named {name!r}; available: {', '.join(_available(kind))}")
     spec = importlib.util.spec_from_file_location(f"pdx_{kind}_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # what dataclasses (and pickling) look the module up by
     spec.loader.exec_module(module)
     prog, sys.argv[0] = sys.argv[0], f"pdx {kind} {name}"  # the script's argparse names itself after argv[0]
     try:

@@ -1,9 +1,19 @@
-"""Accuracy vs NFE and wall-clock of the dLLM decoders: the synthetic suite and the code workload, one table.
+"""Accuracy vs NFE and wall-clock of the dLLM decoders: the synthetic suite, the long tasks and the code
+workload, one table.
 
 Synthetic (pdx/train/tasks.py, held-out instances, each task on its own tiny model in
 checkpoints/tiny_dllm): LLaDA at 1 token per step (the baseline, in 16-token blocks and in one block
 over the answer) and with fewer fixed steps, Fast-dLLM threshold / factor decoding with no cache,
 prefix cache and dual cache; the exact caches on the block-diffusion models. Accuracy: exact match.
+
+Long (`fill-256/512`, `agree-256/512`, on their own tiny models in checkpoints/tiny_dllm; they stand in
+for the code workload until a code dLLM ships): LLaDA at 1 token per step (the block-diffusion model
+with its exact prefix cache) and Fast-dLLM's threshold 0.9 with no cache, prefix cache and dual cache,
+in 32-token blocks. Accuracy: exact match (fill) or a valid answer (agree).
+
+AR (`--workloads ar`): the same-vocabulary causal model (checkpoints/tiny_ar, scripts/train_tiny_ar.py)
+on the synthetic and long tasks, greedy with pdx's AR engine: one forward per generated token (the
+prompt's pass makes the first); its rows sit in those workloads' tables and plots as model "causal".
 
 Code (checkpoints/code_dllm, scripts/train_code_dllm.py): held-out standard-library functions (def
 line through docstring) completed with 256 and 512 bytes, the reference (one byte per step) and
@@ -16,7 +26,8 @@ tokens (up to and including EOS); tokens/s are decode wall-clock (compilation ex
 rows per call and, for the first --n1 instances, one row alone. Writes JSON, a markdown table and per
 workload a plot of accuracy against NFE and against tokens/s under bench/.
 
-    nice -n 10 python scripts/eval_dllm.py [--workloads synthetic,code] [--n 200] [--code-n 16] [--out bench/dllm_eval]
+    nice -n 10 python scripts/eval_dllm.py [--workloads synthetic,long,ar,code] [--n 200] [--long-n 32]
+                                           [--out bench/dllm_eval]
 """
 
 from __future__ import annotations
@@ -29,12 +40,15 @@ import sys
 import numpy as np
 
 import pdx
+from pdx.decoding import ar
 from pdx.decoding.diffusion import fast_dllm, llada
 from pdx.errors import InvalidInputError
 from pdx.files import atomic_write
 from pdx.train import code_data, tasks
 
 BLOCK = 16
+LONG_BLOCK = 32  # the long tasks' block (their block-diffusion models train with it)
+WORKLOADS = ("synthetic", "long", "ar", "code")
 CODE_PROMPT, CODE_BLOCK = 128, 32  # the code dLLMs' training layout (scripts/train_code_dllm.py)
 
 
@@ -56,6 +70,28 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
     out += [(f"llada 1 tok/step, block {gen}", f"llada block {gen}", llada.generate, dict(steps=gen, block_size=gen))]
     out += [(f"threshold {t} dual, block {gen}", f"threshold+dual block {gen}", fast_dllm.generate,
              dict(threshold=t, cache="dual", block_size=gen)) for t in (0.9, 0.7, 0.5)]
+    return out
+
+
+def long_settings(model_kind: str) -> list[tuple[str, str, object, dict]]:
+    """The long tasks' settings: one token per step (block diffusion: with its exact prefix cache), then
+    threshold 0.9 with each cache."""
+    base = dict(block_size=LONG_BLOCK, attention=model_kind)
+    block = model_kind == "block_causal"
+    tag = "block: " if block else ""
+    return [(f"{tag}llada 1 tok/step" + (" prefix" if block else ""), f"{tag}llada", llada.generate,
+             dict(cache="prefix" if block else "none", **base)),
+            *[(f"{tag}threshold 0.9 {c}", f"{tag}threshold 0.9", fast_dllm.generate,
+               dict(threshold=0.9, cache=c, **base)) for c in ("none", "prefix", "dual")]]
+
+
+def ar_generate(model, prompts, *, max_new_tokens: int, prompt_bucket: int):
+    """pdx's AR engine, greedy, reporting as the dLLM decoders do: `row_nfe` (one forward per generated
+    token: the prompt's pass yields the first) and `decode_s` (prefill included)."""
+    del prompt_bucket  # the AR engine buckets prompts itself
+    out = ar.generate(model, prompts, max_new_tokens=max_new_tokens)
+    out.stats["row_nfe"] = out.lengths.astype(float)
+    out.stats["decode_s"] += out.stats["prefill_s"]
     return out
 
 
@@ -81,16 +117,18 @@ def speed(fn, model, prompts, gen: int, options: dict, batch: int, n1: int, buck
     return out, cols
 
 
-def evaluate(models: dict, n: int, runs, gen: int, batch: int, n1: int) -> list[dict]:
-    """Every setting on every synthetic task, each task on its own model (`models[task]`): exact match."""
+def evaluate(models: dict, n: int, runs, batch: int, n1: int, workload: str = "synthetic") -> list[dict]:
+    """Every setting on every task, each task on its model (`models[task]`) at its own canvas: exact match
+    or a valid answer (`tasks.solved`)."""
     rows = []
     data = {name: tasks.held_out(name, n) for name in models}
     for label, family, fn, options in runs:
         for name, model in models.items():
+            task = tasks.get(name)
             prompts = [p for p, _ in data[name]]
-            out, cols = speed(fn, model, prompts, gen, options, batch, n1, tasks.PROMPT_LEN)
+            out, cols = speed(fn, model, prompts, task.gen_len, options, batch, n1, task.prompt_len)
             done = [out["tokens"][i, :k].tolist() for i, k in enumerate(out["lengths"])]
-            rows.append(dict(workload="synthetic", setting=label, family=family, task=name, easy=tasks.TASKS[name].easy,
+            rows.append(dict(workload=workload, setting=label, family=family, task=name, easy=task.easy,
                              accuracy=100.0 * float(np.mean([tasks.solved(name, p, r) for p, r in zip(prompts, done)])),
                              **cols))
             print(json.dumps(rows[-1]), flush=True)
@@ -188,17 +226,29 @@ def merge(files: list[str]) -> list[dict]:
         for r in data["rows"]:
             new.setdefault((r["model"], r["task"]), []).append({"n": data["n"], "workload": "synthetic", **r})
         groups |= new
-    order = [(k, t) for k in ("bidirectional", "block_causal") for t in [*tasks.TASKS, "code 256", "code 512"]]
+    order = [(k, t) for k in ("bidirectional", "block_causal", "causal")
+             for t in [*tasks.TASKS, "code 256", "code 512"]]
     return [r for key in sorted(groups, key=lambda kt: order.index(kt) if kt in order else len(order))
             for r in groups[key]]
 
 
+def tiny_models(ckpt: str, kind: str, names: list[str]) -> dict:
+    """The `kind` tiny dLLM of each task that has one under `ckpt` (the others are reported, not silently dropped)."""
+    paths = {name: os.path.join(ckpt, kind, name) for name in names}
+    models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
+    if missing := sorted(set(paths) - set(models)):
+        print(f"no {kind} tiny dLLM for {', '.join(missing)} under {ckpt}: skipped", file=sys.stderr)
+    return models
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="synthetic,code", help="comma-separated: synthetic, code")
-    ap.add_argument("--ckpt", default="checkpoints/tiny_dllm", help="the synthetic suite's models")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
+    ap.add_argument("--ckpt", default="checkpoints/tiny_dllm", help="the synthetic suite's and long tasks' models")
     ap.add_argument("--n", type=int, default=200, help="held-out instances per synthetic task")
-    ap.add_argument("--tasks", default=",".join(tasks.TASKS))
+    ap.add_argument("--long-n", type=int, default=32, help="held-out instances per long task")
+    ap.add_argument("--tasks", default=",".join(tasks.TASKS), help="tasks of the synthetic, long and ar workloads")
+    ap.add_argument("--ar-ckpt", default="checkpoints/tiny_ar", help="the same-vocabulary AR model")
     ap.add_argument("--models", default="bidirectional,block_causal")
     ap.add_argument("--code-ckpt", default="checkpoints/code_dllm", help="the code dLLMs (<dir>/<model>)")
     ap.add_argument("--code-n", type=int, default=16, help="held-out function prompts")
@@ -211,21 +261,23 @@ def main(argv=None) -> int:
                     "file's rows replace an earlier one's for the same model and task) into OUT")
     args = ap.parse_args(argv)
     workloads = args.workloads.split(",")
-    if unknown := set(workloads) - {"synthetic", "code"}:
-        raise InvalidInputError(f"unknown workloads {sorted(unknown)}: choose from synthetic, code")
-    if args.batch < 1 or args.n1 < 0 or args.n % args.batch or args.code_n % args.batch:
-        raise InvalidInputError(f"--batch must be >= 1 and divide --n ({args.n}) and --code-n ({args.code_n}); "
-                                f"--n1 >= 0 (got batch {args.batch}, n1 {args.n1})")
+    if unknown := set(workloads) - set(WORKLOADS):
+        raise InvalidInputError(f"unknown workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
+    if args.batch < 1 or args.n1 < 0 or any(n % args.batch for n in (args.n, args.long_n, args.code_n)):
+        raise InvalidInputError(f"--batch must be >= 1 and divide --n ({args.n}), --long-n ({args.long_n}) and "
+                                f"--code-n ({args.code_n}); --n1 >= 0 (got batch {args.batch}, n1 {args.n1})")
+    names = args.tasks.split(",")
+    for name in names:
+        tasks.get(name)  # an unknown task fails here, before any model loads
+    short, long = [t for t in names if t in tasks.SHORT], [t for t in names if t in tasks.LONG]
     rows = [] if not args.merge else merge(args.merge)
     for kind in args.models.split(",") if not args.merge else ():
-        if "synthetic" in workloads:
-            paths = {name: os.path.join(args.ckpt, kind, name) for name in args.tasks.split(",")}
-            models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
-            if missing := sorted(set(paths) - set(models)):
-                print(f"no {kind} tiny dLLM for {', '.join(missing)} under {args.ckpt}: skipped", file=sys.stderr)
-            runs = settings(kind, tasks.GEN_LEN)
-            rows += [{"model": kind, "n": args.n, **r}
-                     for r in evaluate(models, args.n, runs, tasks.GEN_LEN, args.batch, args.n1)]
+        for workload, picked, n, runs in (("synthetic", short, args.n, settings(kind, tasks.GEN_LEN)),
+                                          ("long", long, args.long_n, long_settings(kind))):
+            if workload not in workloads or not picked:
+                continue
+            models = tiny_models(args.ckpt, kind, picked)
+            rows += [{"model": kind, "n": n, **r} for r in evaluate(models, n, runs, args.batch, args.n1, workload)]
         path = os.path.join(args.code_ckpt, kind)
         if "code" in workloads and not os.path.isdir(path):
             print(f"no {kind} code dLLM at {path} (pdx train code_dllm --model {kind}): its code rows are skipped",
@@ -236,6 +288,15 @@ def main(argv=None) -> int:
                 prompts = code_prompts(args.code_n, gen, args.code_data)
                 rows += [{"model": kind, "n": args.code_n, **r}
                          for r in evaluate_code(model, kind, prompts, gen, args.batch, args.n1)]
+    if "ar" in workloads and not args.merge:
+        if not os.path.isdir(args.ar_ckpt):
+            print(f"no AR model at {args.ar_ckpt} (pdx train tiny_ar): its rows are skipped", file=sys.stderr)
+        else:
+            model = pdx.load_model(args.ar_ckpt)
+            runs = [("ar greedy", "ar", ar_generate, {})]
+            for workload, group, n in (("synthetic", short, args.n), ("long", long, args.long_n)):
+                rows += [{"model": "causal", "n": n, **r}
+                         for r in evaluate({name: model for name in group}, n, runs, args.batch, args.n1, workload)]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     atomic_write(args.out + ".json", json.dumps(dict(n=sorted({r["n"] for r in rows}), rows=rows), indent=1))
     atomic_write(args.out + ".md", markdown(rows))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pdx.decoding import ar
 from pdx.files import atomic_write
 from pdx.model import load_model
-from pdx.train import code_data
+from pdx.train import code_data, draft_heads
 
 SHARD = 64  # prompts per shard
 
@@ -50,16 +50,6 @@ def write_shard(path: str, rows: list[list[int]], prompt_lens: list[int]) -> Non
              offsets=np.cumsum([0] + [len(r) for r in rows]).astype(np.int64),
              prompt_lens=np.asarray(prompt_lens, np.int32))
     atomic_write(path, buf.getvalue())
-
-
-def read_shards(directory: str, kind: str) -> list[tuple[np.ndarray, int]]:
-    """[(tokens of one sequence, its prompt length)] of every `kind` shard in `directory`, in order."""
-    out = []
-    for name in sorted(f for f in os.listdir(directory) if f.startswith(kind + "-") and f.endswith(".npz")):
-        with np.load(os.path.join(directory, name)) as z:
-            tokens, offsets, lens = z["tokens"], z["offsets"], z["prompt_lens"]
-        out += [(tokens[offsets[i] : offsets[i + 1]], int(lens[i])) for i in range(len(lens))]
-    return out
 
 
 def generate_split(model, prompts, kind: str, out: str, batch: int, new_tokens: int) -> int:
@@ -97,7 +87,7 @@ def main(argv=None) -> int:
     for kind, n, held_out in (("train", args.train, False), ("heldout", args.heldout, True)):
         prompts = prompts_of(code_data.load_split(held_out), model.tokenizer, n, args.max_prompt_bytes, args.seed)
         made += generate_split(model, prompts, kind, args.out, args.batch, args.new_tokens)
-    sizes = {kind: read_shards(args.out, kind) for kind in ("train", "heldout")}
+    sizes = {kind: draft_heads.read_shards(args.out, kind) for kind in ("train", "heldout")}
     recipe = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32), greedy, default stop tokens",
         "prompts": "Python standard library functions: def line through the docstring, raw (no chat template); "

@@ -29,7 +29,6 @@ from pdx.files import atomic_write
 from pdx.model import load_model
 from pdx.train import diffusion
 from pdx.train import draft_heads as dh
-from scripts.make_draft_data import read_shards
 
 
 def features(model, data: str, state: str, num_heads: int) -> dict:
@@ -41,7 +40,7 @@ def features(model, data: str, state: str, num_heads: int) -> dict:
                 return dict(z)
     out = {}
     for kind in ("train", "heldout"):
-        seqs = read_shards(data, kind)
+        seqs = dh.read_shards(data, kind)
         if not seqs:
             raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
         f, t = dh.featurize(model, seqs, num_heads)

@@ -18,7 +18,13 @@ steps at 1e-3 (3 x 64) and 2000 or 5000 (4 x 128): its loss stops at the per-slo
 (0.217), 0-2% exact, so its shipped model is the short 3e-3 run. About 0.11 s per step at
 batch 32 on this CPU when idle (25,400 steps in all): the whole rebuild takes about 50 minutes.
 
-    nice -n 10 python scripts/train_tiny_dllm.py [--scale 1.0] [--out checkpoints/tiny_dllm]
+The long tasks (`fill-256/512`, `agree-256/512`: 256- and 512-column canvases) train the same small
+models with positions up to 1024, in 32-token blocks, at a smaller batch (see RUNS for each run's
+settings; their wall times, steps and final losses are written to bench/tiny_dllm_train.json).
+Every run keeps its training state under --state and resumes from it; --minutes bounds one
+invocation, so a long schedule runs in pieces (rerun the same command to go on).
+
+    nice -n 10 python scripts/train_tiny_dllm.py [--only bidirectional:fill-256,...] [--minutes 50]
 """
 
 from __future__ import annotations
@@ -30,68 +36,116 @@ import os
 import sys
 import time
 
+from pdx.errors import InvalidInputError
+from pdx.files import atomic_write
 from pdx.io import orbax_checkpoint as checkpoint
 from pdx.models import transformer
-from pdx.train import diffusion, tasks
+from pdx.train import diffusion, loop, tasks
 
-TINY = transformer.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_layers=3,
-                          num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=128,
-                          eos_token_ids=(tasks.EOS,), pad_token_id=tasks.PAD, mask_token_id=tasks.MASK)
+TINY = tasks.model_config()
 # Addition and sort (0% and 89% one token per step in 16-token blocks with 3 x 64 specialists) train 4 layers
 # x 128 wide.
-WIDE = dataclasses.replace(TINY, hidden_size=128, intermediate_size=384, num_layers=4, head_dim=32)
-SIZE = {("bidirectional", name): WIDE for name in ("add", "sort")}  # others: TINY
-BLOCK = 16
-STEPS = {  # training steps per (attention, task)
-    "bidirectional": dict(copy=400, shift=400, choice=800, add=2000, sudoku=2500, sort=4000, reverse=16000,
-                          repeat=500),
-    "block_causal": dict(copy=400, choice=600),
+WIDE = tasks.model_config(hidden=128, layers=4)
+LONG = tasks.model_config(positions=1024)  # the long tasks' canvases: up to 512 + 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One shipped model's recipe: its size, its training settings (`diffusion.TrainConfig`)."""
+
+    steps: int
+    cfg: transformer.Config = TINY
+    lr: float = 3e-3
+    batch: int = 32
+    block: int = 16
+    # Stratified t (one mask rate per batch stratum) and count masking for the runs retrained with them; the
+    # others keep the i.i.d. draws they were trained with, so the shipped checkpoints are what this script rebuilds.
+    stratified: bool = False
+    count_masking: bool = False
+
+
+_HARD = dict(stratified=True, count_masking=True)
+RUNS = {
+    ("bidirectional", "copy"): Run(400),
+    ("bidirectional", "shift"): Run(400),
+    ("bidirectional", "choice"): Run(1500, lr=1e-3, **_HARD),
+    ("bidirectional", "add"): Run(2000, WIDE, lr=1e-3, **_HARD),
+    ("bidirectional", "sudoku"): Run(2500, lr=1e-3, **_HARD),
+    ("bidirectional", "sort"): Run(4000, WIDE, lr=1e-3, **_HARD),
+    ("bidirectional", "reverse"): Run(16000, lr=1e-3, **_HARD),
+    ("bidirectional", "repeat"): Run(500),
+    ("block_causal", "copy"): Run(400),
+    ("block_causal", "choice"): Run(600),
+    **{(attention, name): Run(steps, LONG, lr=1e-3, batch=8, block=32, **_HARD)
+       for attention in ("bidirectional", "block_causal")
+       for name, steps in (("fill-256", 600), ("fill-512", 600), ("agree-256", 300), ("agree-512", 300))},
 }
-LR = {("bidirectional", name): 1e-3 for name in ("sudoku", "sort", "reverse", "add")}  # others: 3e-3
-# Stratified t (one mask rate per batch stratum) for the tasks retrained with it; the others keep the i.i.d.
-# draws they were trained with, so the shipped checkpoints are what this script rebuilds.
-STRATIFIED = {("bidirectional", name) for name in ("choice", "add", "sudoku", "sort", "reverse")}
-COUNT_MASKING = {("bidirectional", name) for name in ("choice", "add", "sudoku", "reverse", "sort")}
+
+
+def train_one(attention: str, name: str, run: Run, out: str, state: str, time_limit_s: float | None) -> dict | None:
+    """Train (or resume) one run; when it finishes, save its checkpoint and losses and return its record
+    (None: the time limit stopped it first; its state waits under `state`)."""
+    task = tasks.get(name)
+    tc = diffusion.TrainConfig(steps=run.steps, batch=run.batch, lr=run.lr, warmup=50, attention=attention,
+                               block_size=run.block, stratified_t=run.stratified, count_masking=run.count_masking)
+    resume = os.path.join(state, attention, name)
+    params, losses = diffusion.train(run.cfg, tc, lambda rng, n, _g: tasks.sample(rng, n, (name,)), task.prompt_len,
+                                     task.gen_len, tasks.EOS, tasks.PAD, checkpoint_dir=resume,
+                                     time_limit_s=time_limit_s)
+    done = loop.read_progress(resume)
+    if len(losses) < run.steps:
+        print(f"{attention}:{name} stopped at step {done['step']} of {run.steps} ({done['elapsed_s']:.0f} s so far): "
+              "rerun to resume", flush=True)
+        return None
+    meta = dict(attention=attention, block_size=run.block, task=name, prompt_len=task.prompt_len, gen_len=task.gen_len,
+                train=dataclasses.asdict(tc), train_s=done["elapsed_s"], final_loss=float(losses[-50:].mean()))
+    checkpoint.save(os.path.join(out, attention, name), params, run.cfg, meta)
+    atomic_write(os.path.join(out, attention, f"{name}_losses.json"), json.dumps([round(float(x), 4) for x in losses]))
+    print(json.dumps(meta), flush=True)
+    return meta
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="checkpoints/tiny_dllm")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--only", default=None, help="comma-separated attention:task pairs, e.g. bidirectional:copy")
+    ap.add_argument("--state", default="runs/tiny_dllm", help="training states, one per run (resumed when present)")
+    ap.add_argument("--only", default=None, help="comma-separated attention:task runs, e.g. bidirectional:copy")
+    ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     ap.add_argument("--plot", default="bench/tiny_dllm_loss.png")
+    ap.add_argument("--record", default="bench/tiny_dllm_train.json", help="each finished run's wall time and loss")
     args = ap.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else None
-    for attention, per_task in STEPS.items():
-        for name, steps in per_task.items():
-            if only and f"{attention}:{name}" not in only:
-                continue
-            tc = diffusion.TrainConfig(steps=max(1, int(steps * args.scale)), batch=args.batch,
-                                       lr=LR.get((attention, name), 3e-3), warmup=50,
-                                       attention=attention, block_size=BLOCK,
-                                       stratified_t=(attention, name) in STRATIFIED,
-                                       count_masking=(attention, name) in COUNT_MASKING)
-            t0 = time.time()
-            cfg = SIZE.get((attention, name), TINY)
-            params, losses = diffusion.train(cfg, tc, lambda rng, n, _g, _name=name: tasks.sample(rng, n, (_name,)),
-                                             tasks.PROMPT_LEN, tasks.GEN_LEN, tasks.EOS, tasks.PAD)
-            meta = dict(attention=attention, block_size=BLOCK, task=name, prompt_len=tasks.PROMPT_LEN,
-                        gen_len=tasks.GEN_LEN, train=dataclasses.asdict(tc), train_s=round(time.time() - t0, 1),
-                        final_loss=float(losses[-50:].mean()))
-            path = os.path.join(args.out, attention, name)
-            checkpoint.save(path, params, cfg, meta)
-            with open(os.path.join(args.out, attention, f"{name}_losses.json"), "w") as f:
-                json.dump([round(float(x), 4) for x in losses], f)
-            print(json.dumps(meta), flush=True)
+    picked = list(RUNS)
+    if args.only:
+        picked = [tuple(x.split(":", 1)) for x in args.only.split(",")]
+        if unknown := [":".join(p) for p in picked if p not in RUNS]:
+            raise InvalidInputError(f"no run {', '.join(unknown)}: choose from "
+                                    f"{', '.join(':'.join(k) for k in RUNS)}")
+    if args.minutes is not None and args.minutes <= 0:
+        raise InvalidInputError(f"--minutes must be positive, got {args.minutes}")
+    deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+    record = {}
+    if os.path.isfile(args.record):
+        with open(args.record) as f:
+            record = json.load(f)
+    for attention, name in picked:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            print(f"out of time before {attention}:{name}: rerun to go on", flush=True)
+            break
+        meta = train_one(attention, name, RUNS[attention, name], args.out, args.state, left)
+        if meta is None:
+            break
+        record[f"{attention}:{name}"] = dict(train_s=meta["train_s"], steps=meta["train"]["steps"],
+                                            final_loss=meta["final_loss"])
+        os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
+        atomic_write(args.record, json.dumps(record, indent=1))
     if args.plot:
         curves = {}
-        for attention, per_task in STEPS.items():
-            for name in per_task:
-                file = os.path.join(args.out, attention, f"{name}_losses.json")
-                if os.path.isfile(file):
-                    with open(file) as f:
-                        curves[f"{attention} {name}"] = json.load(f)
+        for attention, name in RUNS:
+            file = os.path.join(args.out, attention, f"{name}_losses.json")
+            if os.path.isfile(file):
+                with open(file) as f:
+                    curves[f"{attention} {name}"] = json.load(f)
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
         diffusion.plot_losses(curves, args.plot)
     return 0

@@ -119,10 +119,11 @@ def validate(tc: TrainConfig, prompt_len: int, gen_lens: tuple[int, ...]) -> Non
 
 def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, gen_len: int | tuple[int, ...],
           eos: int, pad: int, params=None, progress: bool = True, checkpoint_dir: str | None = None,
-          save_every: int = 100):
+          save_every: int = 100, time_limit_s: float | None = None):
     """Train from `params` (random init if None) on batches `data_fn(rng, batch, gen_len) -> [(prompt, answer)]`;
     a tuple of generation lengths takes them in turn, one per step (one compiled step each). With
-    `checkpoint_dir` the run saves its state there and resumes from it (`pdx.train.loop`).
+    `checkpoint_dir` the run saves its state there and resumes from it (`pdx.train.loop`); with
+    `time_limit_s` too it stops after that long, and fewer than `tc.steps` losses come back.
     Returns (params, losses [steps])."""
     gen_lens = (gen_len,) if isinstance(gen_len, int) else tuple(gen_len)
     validate(tc, prompt_len, gen_lens)
@@ -139,7 +140,7 @@ def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, ge
 
     return loop.fit(params, loop.optimizer(tc), step_fn, batch_fn, steps=tc.steps, seed=tc.seed,
                     checkpoint_dir=checkpoint_dir, save_every=save_every, progress=progress,
-                    desc=f"train {tc.attention}")
+                    desc=f"train {tc.attention}", time_limit_s=time_limit_s)
 
 
 def plot_losses(curves: dict[str, np.ndarray], path: str, window: int = 50, title: str = "tiny dLLM training",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,13 @@ def sparse_tree(acc: np.ndarray, size: int) -> tuple[list[list[int]], float]:
         value[best], kids[best] = best_v, 0
         total += best_v
     return [list(p) for p in paths], total
+
+
+def read_shards(directory: str, kind: str) -> list[tuple[np.ndarray, int]]:
+    """[(tokens of one sequence, its prompt length)] of every `kind` shard in `directory`, in order."""
+    out = []
+    for name in sorted(f for f in os.listdir(directory) if f.startswith(kind + "-") and f.endswith(".npz")):
+        with np.load(os.path.join(directory, name)) as z:
+            tokens, offsets, lens = z["tokens"], z["offsets"], z["prompt_lens"]
+        out += [(tokens[offsets[i] : offsets[i + 1]], int(lens[i])) for i in range(len(lens))]
+    return out

@@ -23,7 +23,7 @@ STATE, PROGRESS = "state", "progress.json"
 
 
 def _save(directory: str, params, opt_state, step: int, losses: list[float], rng: np.random.Generator,
-          meta: dict) -> None:
+          meta: dict, elapsed_s: float) -> None:
     import orbax.checkpoint as ocp
 
     leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves((params, opt_state)))}
@@ -33,17 +33,17 @@ def _save(directory: str, params, opt_state, step: int, losses: list[float], rng
             ckpt.save(os.path.join(tmp, STATE), leaves)
             ckpt.wait_until_finished()
         with open(os.path.join(tmp, PROGRESS), "w") as f:
-            json.dump({"step": step, "losses": losses, "rng": rng.bit_generator.state, **meta}, f)
+            json.dump({"step": step, "losses": losses, "rng": rng.bit_generator.state, "elapsed_s": round(elapsed_s, 1),
+                       **meta}, f)
 
     atomic_dir(directory, write)
 
 
 def _restore(directory: str, params, opt_state, rng: np.random.Generator):
-    """(params, opt_state, step, losses) from `directory`, shaped like the given fresh state; sets `rng`."""
+    """(params, opt_state, step, losses, elapsed_s) from `directory`, shaped like the given fresh state; sets `rng`."""
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(directory, PROGRESS)) as f:
-        progress = json.load(f)
+    progress = read_progress(directory)
     treedef = jax.tree.structure((params, opt_state))
     with ocp.StandardCheckpointer() as ckpt:
         leaves = ckpt.restore(os.path.join(os.path.abspath(directory), STATE))
@@ -52,7 +52,17 @@ def _restore(directory: str, params, opt_state, rng: np.random.Generator):
         raise InvalidInputError(f"{directory} holds the training state of a different model or optimizer")
     params, opt_state = jax.tree.unflatten(treedef, [jax.numpy.asarray(leaves[str(i)]) for i in range(len(fresh))])
     rng.bit_generator.state = progress["rng"]
-    return params, opt_state, progress["step"], progress["losses"]
+    return params, opt_state, progress["step"], progress["losses"], progress.get("elapsed_s", 0.0)
+
+
+def read_progress(directory: str) -> dict | None:
+    """The saved progress of the run in `directory` (step, losses, elapsed_s: wall seconds over all its
+    pieces, and the caller's meta), or None when it holds none."""
+    path = os.path.join(directory, PROGRESS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def optimizer(tc):
@@ -66,26 +76,34 @@ def optimizer(tc):
 
 def fit(params, optimizer, step_fn: Callable, batch_fn: Callable, *, steps: int, seed: int,
         checkpoint_dir: str | None = None, save_every: int = 100, progress: bool = True, desc: str = "train",
-        meta: dict | None = None):
+        meta: dict | None = None, time_limit_s: float | None = None):
     """Run `steps` optimizer steps; returns (params, losses [steps] as numpy).
 
     step_fn(params, opt_state, batch, key, step) -> (params, opt_state, loss): one jitted update.
     batch_fn(rng, step) -> batch: the step's data, drawn from the numpy generator `rng`.
-    checkpoint_dir: where the training state lives; a run finding one there resumes from it."""
+    checkpoint_dir: where the training state lives; a run finding one there resumes from it.
+    time_limit_s: stop after this many seconds (saving the state first): a long schedule runs in pieces,
+    and the losses returned are then fewer than `steps` (the run is not finished)."""
+    import time
+
     from tqdm import tqdm
 
     if steps < 1:
         raise InvalidInputError(f"steps must be positive, got {steps}")
     if save_every < 1:
         raise InvalidInputError(f"save_every must be positive, got {save_every}")
+    if time_limit_s is not None and (time_limit_s <= 0 or not checkpoint_dir):
+        raise InvalidInputError(f"a time limit ({time_limit_s}) must be positive and needs a checkpoint_dir "
+                                "to resume from")
+    t0 = time.monotonic()
     key = jax.random.PRNGKey(seed)
     rng = np.random.default_rng(seed)
     opt_state = optimizer.init(params)
-    start, losses = 0, []
+    start, losses, before = 0, [], 0.0
     if checkpoint_dir:
         recover_dir(checkpoint_dir)  # what a run killed while saving left: a half-written or swapped-out state
         if os.path.isfile(os.path.join(checkpoint_dir, PROGRESS)):
-            params, opt_state, start, losses = _restore(checkpoint_dir, params, opt_state, rng)
+            params, opt_state, start, losses, before = _restore(checkpoint_dir, params, opt_state, rng)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=desc)
     for step in bar:
         params, opt_state, loss = step_fn(params, opt_state, batch_fn(rng, step), jax.random.fold_in(key, step),
@@ -93,6 +111,9 @@ def fit(params, optimizer, step_fn: Callable, batch_fn: Callable, *, steps: int,
         losses.append(float(loss))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if checkpoint_dir and ((step + 1) % save_every == 0 or step + 1 == steps):
-            _save(checkpoint_dir, params, opt_state, step + 1, losses, rng, meta or {})
+        out_of_time = time_limit_s is not None and time.monotonic() - t0 > time_limit_s
+        if checkpoint_dir and ((step + 1) % save_every == 0 or step + 1 == steps or out_of_time):
+            _save(checkpoint_dir, params, opt_state, step + 1, losses, rng, meta or {}, before + time.monotonic() - t0)
+        if out_of_time:
+            break
     return params, np.array(losses[:steps])

@@ -2,10 +2,18 @@
 
 Easy tasks for parallel decoding (every answer token is determined by the prompt alone): copy,
 shift (a Caesar shift of each letter), reverse, sort. Hard ones (answer tokens depend on each
-other): multi-digit addition (carries), a constrained choice (answer any one of several listed
-words: decoding the letters independently mixes words), repeat (write any one of four listed
+other): multi-digit addition (carries), a constrained choice (answer any one of four listed runs of
+consecutive letters: decoding the letters independently mixes words), repeat (write any one of four listed
 letters 12 times: each slot alone is a 4-way coin flip, together they must agree) and a 4x4
 sudoku (cells constrain each other; several completions may be valid).
+
+Long canvases (`fill-256`, `fill-512`, `agree-256`, `agree-512`: answers of 255 / 511 tokens + EOS), where a
+KV cache must pay and answer tokens depend on each other across the canvas:
+- fill: a copy with edits spread over the whole prompt: the prompt is letters and dittos (BLANK), the
+  answer repeats each letter and replaces every ditto by the letter before it (so a ditto's answer
+  depends on its neighbour's answer, in chains);
+- agree: write any one of four listed letters over the whole canvas: every slot alone is a 4-way coin
+  flip, together all 511 must agree.
 
 One shared vocabulary of 48 ids; each example is a prompt and an answer, and the model is trained
 to write `answer + EOS` padded with EOS to the generation length (LLaDA's SFT recipe).
@@ -18,13 +26,27 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pdx.errors import InvalidInputError
+
 PAD, EOS, SEP, PLUS, SLASH, BLANK = 0, 1, 2, 3, 4, 5
-TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38, "repeat": 39}
+TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38, "repeat": 39,
+            "fill": 40, "agree": 41}
 DIGIT0, LETTER0, NUM_LETTERS = 12, 22, 16
 MASK = 47
 VOCAB_SIZE = 48
 PROMPT_LEN = 32  # every prompt fits; the training canvas is left-padded to this width
 GEN_LEN = 32  # answer + EOS padding
+
+
+def model_config(hidden: int = 64, layers: int = 3, positions: int = 128, diffusion: bool = True):
+    """A tiny transformer over the task vocabulary (4 heads; 3 x 64 by default): a dLLM (mask token) or,
+    with `diffusion=False`, a causal LM. `positions` bounds the canvas (long tasks: 1024)."""
+    from pdx.models import transformer
+
+    return transformer.Config(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=3 * hidden,
+                              num_layers=layers, num_heads=4, num_kv_heads=4, head_dim=hidden // 4,
+                              max_position_embeddings=positions, eos_token_ids=(EOS,), pad_token_id=PAD,
+                              mask_token_id=MASK if diffusion else None)
 
 
 def digits(n: int, width: int = 0) -> list[int]:
@@ -38,13 +60,16 @@ def _letters(rng, n: int) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class Task:
     """`make(rng) -> (prompt, answer)`; `check(prompt, output) -> bool` (output without EOS). `curriculum`,
-    where set, makes easier training instances of the same task, half of each training draw."""
+    where set, makes easier training instances of the same task, half of each training draw. The canvas
+    is `prompt_len` prompt columns (left-padded) and `gen_len` generated ones (answer, EOS, EOS padding)."""
 
     name: str
     easy: bool
     make: Callable
     check: Callable
     curriculum: Callable | None = None
+    prompt_len: int = PROMPT_LEN
+    gen_len: int = GEN_LEN
 
 
 EASY_LEN = 24  # fixed answer length of the easy tasks: 25 tokens with EOS, so 10 per forward is reachable
@@ -99,7 +124,14 @@ def _add_zero_rich(rng):
 
 
 def _choice(rng):
-    words = [_letters(rng, 5) for _ in range(4)]
+    """Four listed words, each a run of consecutive letters (cyclic, distinct starts: `fghij`, `opabc`);
+    any one is an answer. Posed so because 3 x 64 and 4 x 128 models trained on random words (up to 5000
+    steps, with 1-3-word curricula, or each word from its own letter group) never learned to look a word
+    up from a committed letter (0-11.5% exact): here a committed letter fixes its neighbours (the letter
+    after it), and the first one must come from the prompt, which keeps what the task tests: several
+    valid answers, and a parallel decoder that picks letters of different words fails."""
+    starts = rng.choice(NUM_LETTERS, 4, replace=False)
+    words = [[LETTER0 + (int(s) + k) % NUM_LETTERS for k in range(5)] for s in starts]
     prompt = [TASK_IDS["choice"]]
     for w in words:
         prompt += [*w, SLASH]
@@ -158,6 +190,41 @@ def _sudoku_ok(prompt, out) -> bool:
     return all(len(set(x.tolist())) == 4 for x in groups)
 
 
+LONG_LENGTHS = (256, 512)  # generated columns of the long tasks: the answer is one shorter, then EOS
+DITTO_RATE = 0.3  # share of a fill prompt's tokens (after the first) that repeat the letter before them
+
+
+def _filled(prompt: list[int]) -> list[int]:
+    """A fill prompt's answer: its letters, each ditto replaced by the letter before it."""
+    out = []
+    for t in prompt[1:]:
+        out.append(out[-1] if t == BLANK else t)
+    return out
+
+
+def _fill(length: int):
+    def make(rng):
+        n = length - 1
+        letters = _letters(rng, n)
+        body = [BLANK if i > 0 and d else t for i, (t, d) in enumerate(zip(letters, rng.random(n) < DITTO_RATE))]
+        prompt = [TASK_IDS["fill"], *body]  # length tokens: the prompt fills its columns exactly
+        return prompt, _filled(prompt)
+
+    return make
+
+
+def _agree(length: int):
+    def make(rng):
+        letters = _letters(rng, 4)
+        return [TASK_IDS["agree"], *letters, SEP], [letters[int(rng.integers(0, 4))]] * (length - 1)
+
+    return make
+
+
+def _agree_ok(length: int):
+    return lambda prompt, out: len(out) == length - 1 and len(set(out)) == 1 and out[0] in prompt[1:5]
+
+
 def _exact(prompt: list[int], out: list[int]) -> bool:
     return out == _answer_of(prompt)
 
@@ -174,6 +241,8 @@ def _answer_of(prompt: list[int]) -> list[int]:
         return body[::-1]
     if kind == "sort":
         return sorted(body)
+    if kind == "fill":
+        return _filled(prompt)
     i = body.index(PLUS)
     num = lambda ts: int("".join(str(t - DIGIT0) for t in ts))  # noqa: E731
     return digits(num(body[:i]) + num(body[i + 1 :]), ADD_WIDTH)
@@ -188,25 +257,49 @@ TASKS = {
     "choice": Task("choice", False, _choice, lambda prompt, out: out in _choice_words(prompt)),
     "sudoku": Task("sudoku", False, _sudoku, _sudoku_ok),
     "repeat": Task("repeat", False, _repeat, _repeat_ok),
+    **{f"fill-{n}": Task(f"fill-{n}", False, _fill(n), _exact, prompt_len=n, gen_len=n) for n in LONG_LENGTHS},
+    **{f"agree-{n}": Task(f"agree-{n}", False, _agree(n), _agree_ok(n), gen_len=n) for n in LONG_LENGTHS},
 }
+SHORT = tuple(name for name, task in TASKS.items() if task.gen_len == GEN_LEN)  # the 32-column suite
+LONG = tuple(name for name in TASKS if name not in SHORT)
+
+
+def get(name: str) -> Task:
+    """The task called `name`; an unknown name is an `InvalidInputError` listing the known ones."""
+    if name not in TASKS:
+        raise InvalidInputError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def check_canvas(names, prompt_len: int, gen_len: int) -> None:
+    """Raise `InvalidInputError` unless every task's prompts and answers fit a canvas of `prompt_len`
+    prompt and `gen_len` generated columns (checked before anything trains or decodes)."""
+    for name in names:
+        task = get(name)
+        if task.prompt_len > prompt_len or task.gen_len > gen_len:
+            raise InvalidInputError(f"task {name!r} needs {task.prompt_len} prompt and {task.gen_len} generated "
+                                    f"columns; the canvas has {prompt_len} and {gen_len}")
 
 
 def solved(name: str, prompt: list[int], row: list[int]) -> bool:
     """Whether a decoded row (generated tokens, ending in EOS unless cut off) solves task `name` for `prompt`."""
-    return TASKS[name].check(prompt, row[:-1] if row[-1:] == [EOS] else row)
+    return get(name).check(prompt, row[:-1] if row[-1:] == [EOS] else row)
 
 
 def target(answer: list[int], gen_len: int = GEN_LEN) -> list[int]:
     """What the model learns to write: the answer, then EOS up to the generation length."""
+    if len(answer) >= gen_len:
+        raise InvalidInputError(f"an answer of {len(answer)} tokens leaves no room for EOS in {gen_len} columns")
     return answer + [EOS] * (gen_len - len(answer))
 
 
 def sample(rng: np.random.Generator, n: int, names=tuple(TASKS)) -> list[tuple[list[int], list[int]]]:
     """`n` training (prompt, answer) pairs, tasks drawn uniformly from `names` (half of them from a task's
     curriculum where it has one)."""
+    tasks = [get(name) for name in names]
     out = []
     for _ in range(n):
-        task = TASKS[names[int(rng.integers(0, len(names)))]]
+        task = tasks[int(rng.integers(0, len(tasks)))]
         easier = task.curriculum is not None and rng.random() < 0.5
         out.append((task.curriculum if easier else task.make)(rng))
     return out
@@ -215,5 +308,6 @@ def sample(rng: np.random.Generator, n: int, names=tuple(TASKS)) -> list[tuple[l
 def held_out(name: str, n: int, seed: int = 12345) -> list[tuple[list[int], list[int]]]:
     """A fixed evaluation set (training draws from other seeds; collisions are astronomically unlikely
     except for `sudoku`, whose small space the test set shares with training by design)."""
+    task = get(name)
     rng = np.random.default_rng([seed, list(TASKS).index(name)])
-    return [TASKS[name].make(rng) for _ in range(n)]
+    return [task.make(rng) for _ in range(n)]

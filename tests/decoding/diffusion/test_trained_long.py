@@ -1,0 +1,64 @@
+"""The shipped long-canvas tiny dLLMs (fill and agree at 256 and 512 columns, bidirectional and block diffusion),
+the re-posed choice model and the same-vocabulary AR model: each loads and solves its tasks on held-out instances
+one token per step, and the AR model's greedy output is a step-by-step AR loop's."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pdx
+from pdx.decoding import ar
+from pdx.decoding.diffusion import fast_dllm, llada
+from pdx.train import tasks
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "checkpoints")
+BLOCK = 32  # the long tasks' block (scripts/train_tiny_dllm.py)
+
+
+def _accuracy(name: str, result, prompts) -> float:
+    return float(np.mean([tasks.solved(name, p, result.row(i)) for i, p in enumerate(prompts)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+@pytest.mark.parametrize("name", tasks.LONG)
+def test_long_task_is_solved_one_token_per_step(attention, name):
+    task = tasks.get(name)
+    model = pdx.load_model(os.path.join(ROOT, "tiny_dllm", attention, name))
+    prompts = [p for p, _ in tasks.held_out(name, 8 if task.gen_len == 256 else 4)]
+    cache = "prefix" if attention == "block_causal" else "none"  # block diffusion's prefix cache is exact
+    out = llada.generate(model, prompts, max_new_tokens=task.gen_len, block_size=BLOCK, attention=attention,
+                         cache=cache, prompt_bucket=task.prompt_len)
+    assert out.stats["forward_passes"] >= task.gen_len - BLOCK  # one token per step (EOS may end a row early)
+    assert _accuracy(name, out, prompts) == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_choice_is_solved_one_token_per_step_and_parallel_commits_stay_rare(attention):
+    model = pdx.load_model(os.path.join(ROOT, "tiny_dllm", attention, "choice"))
+    prompts = [p for p, _ in tasks.held_out("choice", 64)]
+    options = dict(max_new_tokens=32, block_size=16, prompt_bucket=32, attention=attention)
+    assert _accuracy("choice", llada.generate(model, prompts, steps=32, **options), prompts) >= 0.9
+    fast = fast_dllm.generate(model, prompts, threshold=0.9, cache="none", **options)
+    assert _accuracy("choice", fast, prompts) >= 0.9  # the threshold keeps the first letter alone in its step
+
+
+@pytest.mark.slow
+def test_ar_model_greedy_equals_a_step_by_step_loop_and_solves_the_long_tasks():
+    model = pdx.load_model(os.path.join(ROOT, "tiny_ar"))
+    assert model.cfg.mask_token_id is None and model.cfg.vocab_size == tasks.VOCAB_SIZE
+    prompts = [p for p, _ in tasks.held_out("fill-256", 2)] + [p for p, _ in tasks.held_out("copy", 2)]
+    out = ar.generate(model, prompts, max_new_tokens=24, stop_token_ids=[])
+    for i, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(24):  # the whole sequence each step, no cache
+            logits, _ = model.family.forward(model.params, model.cfg, jnp.asarray([seq]), jnp.arange(len(seq))[None])
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert out.row(i) == seq[len(prompt):]
+    for name in ("fill-256", "agree-512"):
+        task = tasks.get(name)
+        prompts = [p for p, _ in tasks.held_out(name, 8)]
+        assert _accuracy(name, ar.generate(model, prompts, max_new_tokens=task.gen_len), prompts) >= 0.9

@@ -1,0 +1,154 @@
+"""The task suite's long canvases and re-posed choice, bad task and canvas options, time-bounded training in
+pieces, and the AR model's answer-only training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pdx.decoding import ar
+from pdx.errors import InvalidInputError
+from pdx.models import transformer as tf
+from pdx.train import autoregressive, diffusion, loop, tasks
+
+
+@pytest.mark.parametrize("length", tasks.LONG_LENGTHS)
+def test_fill_replaces_each_ditto_by_the_letter_before(length):
+    task = tasks.get(f"fill-{length}")
+    rng = np.random.default_rng(0)
+    dittos = 0
+    for _ in range(20):
+        prompt, answer = task.make(rng)
+        assert len(prompt) == task.prompt_len == length and len(answer) == length - 1 and task.gen_len == length
+        body = prompt[1:]
+        assert body[0] != tasks.BLANK
+        for i, t in enumerate(body):
+            assert answer[i] == (answer[i - 1] if t == tasks.BLANK else t)
+        dittos += body.count(tasks.BLANK)
+        wrong = list(answer)
+        wrong[len(wrong) // 2] = tasks.LETTER0 + (wrong[len(wrong) // 2] - tasks.LETTER0 + 1) % tasks.NUM_LETTERS
+        assert task.check(prompt, answer) and not task.check(prompt, wrong)
+    assert abs(dittos / (20 * (length - 2)) - tasks.DITTO_RATE) < 0.03
+
+
+@pytest.mark.parametrize("length", tasks.LONG_LENGTHS)
+def test_agree_accepts_any_listed_letter_over_the_whole_canvas_and_nothing_mixed(length):
+    task = tasks.get(f"agree-{length}")
+    prompt, answer = task.make(np.random.default_rng(1))
+    assert len(answer) == length - 1 and len(set(answer)) == 1 and task.gen_len == length
+    for letter in prompt[1:5]:
+        assert tasks.solved(f"agree-{length}", prompt, [letter] * (length - 1) + [tasks.EOS])
+    a, b = prompt[1:3]
+    assert not task.check(prompt, [a] * (length - 2) + [b])  # one slot off anywhere breaks it
+    assert not task.check(prompt, [a] * (length - 2))  # too short
+    unlisted = next(t for t in range(tasks.LETTER0, tasks.LETTER0 + tasks.NUM_LETTERS) if t not in prompt)
+    assert not task.check(prompt, [unlisted] * (length - 1))
+
+
+def test_choice_words_are_runs_and_mixing_them_fails():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        prompt, answer = tasks.TASKS["choice"].make(rng)
+        words = tasks._choice_words(prompt)
+        assert len(words) == 4 and len({w[0] for w in words}) == 4 and answer in words
+        for w in words:
+            assert [(t - tasks.LETTER0) % 16 for t in w] == [(w[0] - tasks.LETTER0 + k) % 16 for k in range(5)]
+            assert tasks.solved("choice", prompt, w + [tasks.EOS])
+        assert not tasks.TASKS["choice"].check(prompt, words[0][:2] + words[1][2:])
+
+
+def test_long_tasks_fit_their_canvas_and_held_out_is_fixed():
+    for name in tasks.LONG:
+        task = tasks.get(name)
+        tokens, valid = diffusion.canvas(tasks.held_out(name, 3), task.prompt_len, task.gen_len, tasks.EOS, tasks.PAD)
+        assert tokens.shape == (3, task.prompt_len + task.gen_len) and (tokens[:, -1] == tasks.EOS).all()
+        assert tasks.held_out(name, 2) == tasks.held_out(name, 2)[:2]
+    tasks.check_canvas(tasks.SHORT, tasks.PROMPT_LEN, tasks.GEN_LEN)
+    assert set(tasks.SHORT) | set(tasks.LONG) == set(tasks.TASKS) and "fill-512" in tasks.LONG
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: tasks.get("nope"), "unknown task 'nope'"),
+    (lambda: tasks.sample(np.random.default_rng(0), 2, ("copy", "fill-1024")), "unknown task 'fill-1024'"),
+    (lambda: tasks.held_out("agree-100", 2), "unknown task"),
+    (lambda: tasks.solved("bogus", [1], [1]), "unknown task"),
+    (lambda: tasks.check_canvas(("copy", "fill-512"), 32, 512), "needs 512 prompt and 512 generated columns"),
+    (lambda: tasks.check_canvas(("agree-256",), 32, 128), "needs 32 prompt and 256"),
+    (lambda: tasks.target([5] * 32, 32), "no room for EOS"),
+])
+def test_bad_task_and_canvas_options_raise(call, match):
+    with pytest.raises(InvalidInputError, match=match):
+        call()
+
+
+CFG = tf.Config(vocab_size=tasks.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                num_kv_heads=2, head_dim=16, max_position_embeddings=64, eos_token_ids=(tasks.EOS,),
+                pad_token_id=tasks.PAD)
+TC = autoregressive.TrainConfig(steps=12, lr=1e-2, warmup=2)
+COPY = (autoregressive.Canvas(tasks.PROMPT_LEN, tasks.GEN_LEN, 8, lambda rng, n: tasks.sample(rng, n, ("copy",))),)
+
+
+def test_answer_loss_scores_the_answer_and_its_first_eos_only():
+    params = tf.init_params(CFG, jax.random.PRNGKey(0))
+    tokens, valid = map(jnp.asarray, diffusion.canvas([([6, 22, 23], [24, 25])], 8, 8, tasks.EOS, tasks.PAD))
+    got = autoregressive.answer_loss_fn(params, CFG, tokens, valid, 8, tasks.EOS)
+    x = tokens[:, :-1]
+    logits, _ = tf.forward(params, CFG, x, jnp.broadcast_to(jnp.arange(15), x.shape), valid=valid[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])[0]
+    # the answer sits in columns 8, 9 and its EOS in 10: predicted from columns 7, 8, 9
+    np.testing.assert_allclose(got, ce[7:10].mean(), rtol=1e-6)
+
+
+def test_answer_training_learns_and_greedy_decoding_equals_a_step_by_step_loop():
+    params, losses = autoregressive.train_answers(CFG, TC, COPY, tasks.EOS, tasks.PAD, progress=False)
+    assert losses[-3:].mean() < losses[:3].mean()
+    import pdx
+
+    model = pdx.Model(cfg=CFG, params=params, tokenizer=None, family=tf)
+    prompts = [p for p, _ in tasks.held_out("copy", 3)]
+    out = ar.generate(model, prompts, max_new_tokens=10, stop_token_ids=[])
+    for i, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(10):  # the whole sequence again each step, no cache
+            x = jnp.asarray([seq])
+            logits, _ = tf.forward(params, CFG, x, jnp.arange(len(seq))[None])
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert out.row(i) == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(canvases=()), "at least one canvas"),
+    (dict(canvases=(autoregressive.Canvas(32, 40, 2, None),)), "exceeds the model's 64 positions"),
+    (dict(canvases=(autoregressive.Canvas(32, 8, 0, None),)), "positive prompt and generation lengths and batch"),
+    (dict(time_limit_s=1.0), "needs a checkpoint_dir"),
+])
+def test_bad_answer_training_options_raise(bad, match):
+    options = dict(canvases=COPY) | bad
+    with pytest.raises(InvalidInputError, match=match):
+        autoregressive.train_answers(CFG, TC, eos=tasks.EOS, pad=tasks.PAD, progress=False, **options)
+
+
+def test_a_time_limited_run_stops_saved_and_resumes_to_the_same_losses(tmp_path):
+    _, whole = autoregressive.train_answers(CFG, TC, COPY, tasks.EOS, tasks.PAD, progress=False)
+    state = str(tmp_path / "state")
+    _, first = autoregressive.train_answers(CFG, TC, COPY, tasks.EOS, tasks.PAD, progress=False,
+                                            checkpoint_dir=state, time_limit_s=1e-9)
+    assert len(first) == 1  # the first step overran the limit: saved after it, then stopped
+    progress = loop.read_progress(state)
+    assert progress["step"] == 1 and progress["elapsed_s"] >= 0
+    _, resumed = autoregressive.train_answers(CFG, TC, COPY, tasks.EOS, tasks.PAD, progress=False,
+                                              checkpoint_dir=state)
+    np.testing.assert_allclose(resumed, whole, rtol=1e-6)
+    assert loop.read_progress(state)["elapsed_s"] >= progress["elapsed_s"]
+    assert loop.read_progress(str(tmp_path / "none")) is None
+
+
+def test_train_scripts_refuse_bad_options_before_training(tmp_path):
+    from scripts import train_tiny_ar, train_tiny_dllm
+
+    with pytest.raises(InvalidInputError, match="no run bidirectional:nope"):
+        train_tiny_dllm.main(["--only", "bidirectional:nope", "--out", str(tmp_path)])
+    for main in (train_tiny_dllm.main, train_tiny_ar.main):
+        with pytest.raises(InvalidInputError, match="--minutes must be positive"):
+            main(["--minutes", "0", "--out", str(tmp_path)])
