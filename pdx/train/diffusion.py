@@ -45,6 +45,10 @@ class TrainConfig:
 
 def canvas(examples, prompt_len: int, gen_len: int, eos: int, pad: int):
     """Numpy `tokens [B, P + G]` (answer in the generated part), `valid [B, P + G]`."""
+    for prompt, answer in examples:
+        require(len(prompt) <= prompt_len and len(answer) <= gen_len,
+                f"an example of {len(prompt)} prompt and {len(answer)} answer tokens does not fit a canvas of "
+                f"{prompt_len} + {gen_len}")
     tokens = np.full((len(examples), prompt_len + gen_len), pad, np.int32)
     valid = np.zeros(tokens.shape, bool)
     for i, (prompt, answer) in enumerate(examples):

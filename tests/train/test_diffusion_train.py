@@ -146,7 +146,7 @@ def test_task_checkers_accept_answers_and_reject_corruptions():
     for name, task in tasks.TASKS.items():
         for _ in range(20):
             prompt, answer = task.make(rng)
-            assert len(prompt) <= task.prompt_len and len(answer) < task.gen_len
+            assert len(prompt) <= task.prompt_len and len(answer) <= task.gen_len
             assert task.check(prompt, answer), name
             bad = list(answer)
             bad[0] = tasks.DIGIT0 + 9 if bad[0] != tasks.DIGIT0 + 9 else tasks.LETTER0

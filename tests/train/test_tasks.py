@@ -13,7 +13,7 @@ from pdx.models import transformer as tf
 from pdx.train import autoregressive, diffusion, loop, tasks
 
 
-@pytest.mark.parametrize("length", tasks.LONG_LENGTHS)
+@pytest.mark.parametrize("length", tasks.FILL_LENGTHS)
 def test_fill_replaces_each_ditto_by_the_letter_before(length):
     task = tasks.get(f"fill-{length}")
     rng = np.random.default_rng(0)
@@ -32,18 +32,18 @@ def test_fill_replaces_each_ditto_by_the_letter_before(length):
     assert abs(dittos / (20 * (length - 2)) - tasks.DITTO_RATE) < 0.03
 
 
-@pytest.mark.parametrize("length", tasks.LONG_LENGTHS)
-def test_agree_accepts_any_listed_letter_over_the_whole_canvas_and_nothing_mixed(length):
+@pytest.mark.parametrize("length", tasks.AGREE_LENGTHS)
+def test_agree_accepts_any_listed_letter_in_every_column_and_nothing_mixed(length):
     task = tasks.get(f"agree-{length}")
     prompt, answer = task.make(np.random.default_rng(1))
-    assert len(answer) == length - 1 and len(set(answer)) == 1 and task.gen_len == length
+    assert len(answer) == length == task.gen_len and len(set(answer)) == 1
     for letter in prompt[1:5]:
-        assert tasks.solved(f"agree-{length}", prompt, [letter] * (length - 1) + [tasks.EOS])
+        assert tasks.solved(f"agree-{length}", prompt, [letter] * length)  # no EOS: the answer fills the canvas
     a, b = prompt[1:3]
-    assert not task.check(prompt, [a] * (length - 2) + [b])  # one slot off anywhere breaks it
-    assert not task.check(prompt, [a] * (length - 2))  # too short
+    assert not task.check(prompt, [a] * (length - 1) + [b])  # one slot off anywhere breaks it
+    assert not tasks.solved(f"agree-{length}", prompt, [a] * (length - 1) + [tasks.EOS])  # too short
     unlisted = next(t for t in range(tasks.LETTER0, tasks.LETTER0 + tasks.NUM_LETTERS) if t not in prompt)
-    assert not task.check(prompt, [unlisted] * (length - 1))
+    assert not task.check(prompt, [unlisted] * length)
 
 
 def test_choice_words_are_runs_and_mixing_them_fails():
@@ -62,20 +62,22 @@ def test_long_tasks_fit_their_canvas_and_held_out_is_fixed():
     for name in tasks.LONG:
         task = tasks.get(name)
         tokens, valid = diffusion.canvas(tasks.held_out(name, 3), task.prompt_len, task.gen_len, tasks.EOS, tasks.PAD)
-        assert tokens.shape == (3, task.prompt_len + task.gen_len) and (tokens[:, -1] == tasks.EOS).all()
+        assert tokens.shape == (3, task.prompt_len + task.gen_len)
+        assert (tokens[:, -1] == tasks.EOS).all() == name.startswith("fill")  # agree's answer fills the canvas
         assert tasks.held_out(name, 2) == tasks.held_out(name, 2)[:2]
     tasks.check_canvas(tasks.SHORT, tasks.PROMPT_LEN, tasks.GEN_LEN)
-    assert set(tasks.SHORT) | set(tasks.LONG) == set(tasks.TASKS) and "fill-512" in tasks.LONG
+    assert set(tasks.SHORT) | set(tasks.LONG) == set(tasks.TASKS) and "agree-512" in tasks.LONG
+    with pytest.raises(InvalidInputError, match="does not fit a canvas of 32 \\+ 8"):
+        diffusion.canvas(tasks.held_out("copy", 1), tasks.PROMPT_LEN, 8, tasks.EOS, tasks.PAD)
 
 
 @pytest.mark.parametrize("call, match", [
     (lambda: tasks.get("nope"), "unknown task 'nope'"),
-    (lambda: tasks.sample(np.random.default_rng(0), 2, ("copy", "fill-1024")), "unknown task 'fill-1024'"),
+    (lambda: tasks.sample(np.random.default_rng(0), 2, ("copy", "fill-512")), "unknown task 'fill-512'"),
     (lambda: tasks.held_out("agree-100", 2), "unknown task"),
     (lambda: tasks.solved("bogus", [1], [1]), "unknown task"),
-    (lambda: tasks.check_canvas(("copy", "fill-512"), 32, 512), "needs 512 prompt and 512 generated columns"),
+    (lambda: tasks.check_canvas(("copy", "fill-256"), 32, 256), "needs 256 prompt and 256 generated columns"),
     (lambda: tasks.check_canvas(("agree-256",), 32, 128), "needs 32 prompt and 256"),
-    (lambda: tasks.target([5] * 32, 32), "no room for EOS"),
 ])
 def test_bad_task_and_canvas_options_raise(call, match):
     with pytest.raises(InvalidInputError, match=match):
