@@ -92,7 +92,9 @@ def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
     visible = None
     if cache is not None:
         cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
-        visible = jnp.zeros((b, cache.max_len), bool)  # a fresh pass sees no cached slots
+        # A fresh pass sees no cached slots. The barrier keeps XLA from constant-folding the attention over
+        # them (all masked): folding [B, H, 1, W, S] reductions took 10-16 s of each compile at W = S = 512.
+        visible = lax.optimization_barrier(jnp.zeros((b, cache.max_len), bool))
     logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, mask_mode=spec.mask_mode,
                                         valid=valid, cache_visible=visible)
     return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
