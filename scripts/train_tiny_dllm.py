@@ -68,14 +68,14 @@ _HARD = dict(stratified=True, count_masking=True)
 RUNS = {
     ("bidirectional", "copy"): Run(400),
     ("bidirectional", "shift"): Run(400),
-    ("bidirectional", "choice"): Run(1500, lr=1e-3, **_HARD),
+    ("bidirectional", "choice"): Run(4000, lr=1e-3, **_HARD),
     ("bidirectional", "add"): Run(2000, WIDE, lr=1e-3, **_HARD),
     ("bidirectional", "sudoku"): Run(2500, lr=1e-3, **_HARD),
     ("bidirectional", "sort"): Run(4000, WIDE, lr=1e-3, **_HARD),
     ("bidirectional", "reverse"): Run(16000, lr=1e-3, **_HARD),
     ("bidirectional", "repeat"): Run(500),
     ("block_causal", "copy"): Run(400),
-    ("block_causal", "choice"): Run(600),
+    ("block_causal", "choice"): Run(3000, lr=1e-3, **_HARD),
     **{(attention, name): Run(steps, LONG, lr=1e-3, batch=8, block=32, **_HARD)
        for attention in ("bidirectional", "block_causal")
        for name, steps in (("fill-256", 2400), ("agree-256", 300), ("agree-512", 300))},

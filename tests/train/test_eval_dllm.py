@@ -88,3 +88,30 @@ def test_synthetic_workload_on_a_shipped_tiny_model(tmp_path):
     assert [r["setting"] for r in rows][0] == "block: llada 1 tok/step" and len(rows) == 4
     assert all(r["workload"] == "synthetic" and r["accuracy"] == 100.0 for r in rows)  # copy is learned
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_long_workload_and_ar_baseline_end_to_end(tmp_path):
+    """agree-256 on a random bidirectional dLLM (four settings) and a random AR model, one table and plot."""
+    from pdx.train import tasks
+
+    ckpt = tmp_path / "tiny"
+    for attention, diffusion in (("bidirectional", True), (None, False)):
+        cfg = tasks.model_config(hidden=32, layers=1, positions=320, diffusion=diffusion)
+        path = ckpt / attention / "agree-256" if attention else tmp_path / "ar"
+        orbax_checkpoint.save(path, transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg, {})
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "dllm", "--workloads", "long,ar", "--models", "bidirectional", "--ckpt", str(ckpt),
+                     "--ar-ckpt", str(tmp_path / "ar"), "--tasks", "agree-256", "--long-n", "2", "--batch", "2",
+                     "--n1", "1", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [(r["model"], r["setting"]) for r in rows] == [
+        ("bidirectional", "llada 1 tok/step"), ("bidirectional", "threshold 0.9 none"),
+        ("bidirectional", "threshold 0.9 prefix"), ("bidirectional", "threshold 0.9 dual"), ("causal", "ar greedy")]
+    assert all(r["workload"] == "long" and r["task"] == "agree-256" and r["n"] == 2 for r in rows)
+    assert rows[0]["nfe_per_token"] == pytest.approx(1.0) and rows[-1]["nfe_per_token"] == pytest.approx(1.0)
+    assert (tmp_path / "eval_long.png").stat().st_size > 0
+
+
+def test_an_unknown_task_is_refused_before_any_model_loads(capsys):
+    assert cli.main(["eval", "dllm", "--tasks", "copy,fill-512"]) == 2
+    assert "unknown task 'fill-512'" in capsys.readouterr().err
