@@ -142,8 +142,8 @@ def test_trained_heads_identical_to_ar_and_accept(target, trained):
     assert compiled.compile_count(engine.tree_decode) == before
 
 
-@pytest.mark.parametrize("knobs", [dict(temperature=1.0, top_k=0),
-                                   pytest.param(dict(temperature=0.8, top_k=3), marks=pytest.mark.slow)])
+@pytest.mark.slow  # the drafter only proposes: the tree verifier's losslessness is in the default suite
+@pytest.mark.parametrize("knobs", [dict(temperature=1.0, top_k=0), dict(temperature=0.8, top_k=3)])
 def test_medusa_sampling_is_lossless(knobs):
     model = tiny(vocab=5, scale=0.8)
     drafter = medusa.Medusa(tree=tree.branching((2, 2)), heads=random_heads(model, 2, seed=1, scale=2.0),

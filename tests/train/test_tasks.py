@@ -108,11 +108,11 @@ def test_answer_training_learns_and_greedy_decoding_equals_a_step_by_step_loop()
     import pdx
 
     model = pdx.Model(cfg=CFG, params=params, tokenizer=None, family=tf)
-    prompts = [p for p, _ in tasks.held_out("copy", 3)]
-    out = ar.generate(model, prompts, max_new_tokens=10, stop_token_ids=[])
+    prompts = [p for p, _ in tasks.held_out("copy", 2)]
+    out = ar.generate(model, prompts, max_new_tokens=6, stop_token_ids=[])
     for i, prompt in enumerate(prompts):
         seq = list(prompt)
-        for _ in range(10):  # the whole sequence again each step, no cache
+        for _ in range(6):  # the whole sequence again each step, no cache
             x = jnp.asarray([seq])
             logits, _ = tf.forward(params, CFG, x, jnp.arange(len(seq))[None])
             seq.append(int(jnp.argmax(logits[0, -1])))
