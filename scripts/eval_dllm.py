@@ -74,13 +74,14 @@ def settings(model_kind: str, gen: int) -> list[tuple[str, str, object, dict]]:
 
 
 def long_settings(model_kind: str) -> list[tuple[str, str, object, dict]]:
-    """The long tasks' settings: one token per step (block diffusion: with its exact prefix cache), then
-    threshold 0.9 with each cache."""
+    """The long tasks' settings: one token per step (block diffusion: with its exact prefix cache) and with
+    the dual cache (32 steps per block: where a cache pays), then threshold 0.9 with each cache."""
     base = dict(block_size=LONG_BLOCK, attention=model_kind)
     block = model_kind == "block_causal"
     tag = "block: " if block else ""
     return [(f"{tag}llada 1 tok/step" + (" prefix" if block else ""), f"{tag}llada", llada.generate,
              dict(cache="prefix" if block else "none", **base)),
+            (f"{tag}llada 1 tok/step dual", f"{tag}llada", llada.generate, dict(cache="dual", **base)),
             *[(f"{tag}threshold 0.9 {c}", f"{tag}threshold 0.9", fast_dllm.generate,
                dict(threshold=0.9, cache=c, **base)) for c in ("none", "prefix", "dual")]]
 
@@ -249,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-n", type=int, default=32, help="held-out instances per long task")
     ap.add_argument("--tasks", default=",".join(tasks.TASKS), help="tasks of the synthetic, long and ar workloads")
     ap.add_argument("--ar-ckpt", default="checkpoints/tiny_ar", help="the same-vocabulary AR model")
+    ap.add_argument("--settings", default=None, help="comma-separated setting labels to run (default: all)")
     ap.add_argument("--models", default="bidirectional,block_causal")
     ap.add_argument("--code-ckpt", default="checkpoints/code_dllm", help="the code dLLMs (<dir>/<model>)")
     ap.add_argument("--code-n", type=int, default=16, help="held-out function prompts")
@@ -274,7 +276,8 @@ def main(argv=None) -> int:
     for kind in args.models.split(",") if not args.merge else ():
         for workload, picked, n, runs in (("synthetic", short, args.n, settings(kind, tasks.GEN_LEN)),
                                           ("long", long, args.long_n, long_settings(kind))):
-            if workload not in workloads or not picked:
+            runs = [r for r in runs if args.settings is None or r[0] in args.settings.split(",")]
+            if workload not in workloads or not picked or not runs:
                 continue
             models = tiny_models(args.ckpt, kind, picked)
             rows += [{"model": kind, "n": n, **r} for r in evaluate(models, n, runs, args.batch, args.n1, workload)]

@@ -1,6 +1,7 @@
 """Rebuild the tiny dLLMs shipped in checkpoints/tiny_dllm/: per task of the synthetic suite
 (pdx/train/tasks.py), one bidirectional (LLaDA-style) transformer, and for a subset one
-block-diffusion (block-causal, block 16; block 32 for the long tasks) transformer, plus their loss curves (bench/tiny_dllm_loss.png).
+block-diffusion (block-causal, block 16; block 32 for the long tasks) transformer, plus their loss
+curves (bench/tiny_dllm_loss.png).
 One small specialist per task learns in minutes on 2 CPU cores; one multi-task model of this size
 did not (it plateaued at a 0.97 loss after 2500 steps).
 
@@ -23,7 +24,10 @@ on this CPU when idle.
 The long tasks (`fill-256`, `agree-256/512`: 256- and 512-column canvases) train the same small
 models with positions up to 1024, in 32-token blocks, at a smaller batch (see RUNS for each run's
 settings; their wall times, steps and final losses are written to bench/tiny_dllm_train.json).
-Every run keeps its training state under --state and resumes from it; --minutes bounds one
+Fill-256 learns to 0 wrong tokens in 2400 steps bidirectionally (19 min), but block diffusion scores one
+32-token block per example, an eighth of the answer, and the same 2400 steps left its model at 4% wrong
+tokens (14% of dittos): it is not shipped (a BD3-LM-style pass that scores every block at once is what
+it needs). Every run keeps its training state under --state and resumes from it; --minutes bounds one
 invocation, so a long schedule runs in pieces (rerun the same command to go on).
 
     nice -n 10 python scripts/train_tiny_dllm.py [--only bidirectional:fill-256,...] [--minutes 50]
@@ -77,10 +81,11 @@ RUNS = {
     ("bidirectional", "reverse"): Run(16000, lr=1e-3, **_HARD),
     ("bidirectional", "repeat"): Run(500),
     ("block_causal", "copy"): Run(400),
-    ("block_causal", "choice"): Run(4000, lr=1e-3, **_HARD),
+    ("block_causal", "choice"): Run(3000, lr=1e-3, **_HARD),
     **{(attention, name): Run(steps, LONG, lr=1e-3, batch=8, block=32, **_HARD)
        for attention in ("bidirectional", "block_causal")
-       for name, steps in (("fill-256", 2400), ("agree-256", 300), ("agree-512", 300))},
+       for name, steps in (("fill-256", 2400), ("agree-256", 300), ("agree-512", 300))
+       if (attention, name) != ("block_causal", "fill-256")},  # 4% wrong tokens after 2400 steps: not shipped
 }
 
 

@@ -105,7 +105,8 @@ def test_long_workload_and_ar_baseline_end_to_end(tmp_path):
                      "--n1", "1", "--out", str(out)]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [(r["model"], r["setting"]) for r in rows] == [
-        ("bidirectional", "llada 1 tok/step"), ("bidirectional", "threshold 0.9 none"),
+        ("bidirectional", "llada 1 tok/step"), ("bidirectional", "llada 1 tok/step dual"),
+        ("bidirectional", "threshold 0.9 none"),
         ("bidirectional", "threshold 0.9 prefix"), ("bidirectional", "threshold 0.9 dual"), ("causal", "ar greedy")]
     assert all(r["workload"] == "long" and r["task"] == "agree-256" and r["n"] == 2 for r in rows)
     assert rows[0]["nfe_per_token"] == pytest.approx(1.0) and rows[-1]["nfe_per_token"] == pytest.approx(1.0)
