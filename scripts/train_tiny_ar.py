@@ -18,7 +18,6 @@ import os
 import sys
 
 from pdx.errors import InvalidInputError
-from pdx.files import atomic_write
 from pdx.io import orbax_checkpoint as checkpoint
 from pdx.train import autoregressive, diffusion, loop, tasks
 
@@ -60,12 +59,7 @@ def main(argv=None) -> int:
     meta = dict(task="all", train=dataclasses.asdict(tc), train_s=done["elapsed_s"],
                 final_loss=float(losses[-50:].mean()))
     checkpoint.save(args.out, params, CFG, meta)
-    record = {}
-    if os.path.isfile(args.record):
-        with open(args.record) as f:
-            record = json.load(f)
-    record["causal:all"] = dict(train_s=meta["train_s"], steps=tc.steps, final_loss=meta["final_loss"])
-    atomic_write(args.record, json.dumps(record, indent=1))
+    loop.record_run(args.record, "causal:all", meta["train_s"], tc.steps, meta["final_loss"])
     os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
     diffusion.plot_losses({"causal, all tasks": losses}, args.plot, title="tiny AR model on the task suite",
                           ylabel="answer cross-entropy (nats/token)")

@@ -130,10 +130,6 @@ def main(argv=None) -> int:
     if args.minutes is not None and args.minutes <= 0:
         raise InvalidInputError(f"--minutes must be positive, got {args.minutes}")
     deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
-    record = {}
-    if os.path.isfile(args.record):
-        with open(args.record) as f:
-            record = json.load(f)
     for attention, name in picked:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -142,10 +138,8 @@ def main(argv=None) -> int:
         meta = train_one(attention, name, RUNS[attention, name], args.out, args.state, left)
         if meta is None:
             break
-        record[f"{attention}:{name}"] = dict(train_s=meta["train_s"], steps=meta["train"]["steps"],
-                                            final_loss=meta["final_loss"])
-        os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
-        atomic_write(args.record, json.dumps(record, indent=1))
+        loop.record_run(args.record, f"{attention}:{name}", meta["train_s"], RUNS[attention, name].steps,
+                        meta["final_loss"])
     if args.plot:
         curves = {}
         for attention, name in RUNS:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from pdx.errors import InvalidInputError
-from pdx.files import atomic_dir, recover_dir
+from pdx.files import atomic_dir, atomic_write, recover_dir
 
 STATE, PROGRESS = "state", "progress.json"
 
@@ -53,6 +53,17 @@ def _restore(directory: str, params, opt_state, rng: np.random.Generator):
     params, opt_state = jax.tree.unflatten(treedef, [jax.numpy.asarray(leaves[str(i)]) for i in range(len(fresh))])
     rng.bit_generator.state = progress["rng"]
     return params, opt_state, progress["step"], progress["losses"], progress.get("elapsed_s", 0.0)
+
+
+def record_run(path: str, name: str, train_s: float, steps: int, final_loss: float) -> None:
+    """Add (or replace) run `name`'s wall time, steps and final loss in the JSON record at `path`."""
+    record = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+    record[name] = dict(train_s=train_s, steps=steps, final_loss=final_loss)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, json.dumps(record, indent=1))
 
 
 def read_progress(directory: str) -> dict | None:

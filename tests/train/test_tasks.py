@@ -1,6 +1,8 @@
 """The task suite's long canvases and re-posed choice, bad task and canvas options, time-bounded training in
 pieces, and the AR model's answer-only training."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +156,13 @@ def test_train_scripts_refuse_bad_options_before_training(tmp_path):
     for main in (train_tiny_dllm.main, train_tiny_ar.main):
         with pytest.raises(InvalidInputError, match="--minutes must be positive"):
             main(["--minutes", "0", "--out", str(tmp_path)])
+
+
+def test_run_record_adds_and_replaces_runs(tmp_path):
+    path = str(tmp_path / "bench" / "train.json")
+    loop.record_run(path, "a", 1.5, 10, 0.25)
+    loop.record_run(path, "b", 2.0, 20, 0.5)
+    loop.record_run(path, "a", 3.0, 30, 0.125)
+    with open(path) as f:
+        assert json.load(f) == {"a": dict(train_s=3.0, steps=30, final_loss=0.125),
+                                "b": dict(train_s=2.0, steps=20, final_loss=0.5)}

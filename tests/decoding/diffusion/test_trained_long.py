@@ -12,6 +12,7 @@ import pdx
 from pdx.decoding import ar
 from pdx.decoding.diffusion import fast_dllm, llada
 from pdx.train import tasks
+from scripts.train_tiny_dllm import RUNS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "checkpoints")
 BLOCK = 32  # the long tasks' block (scripts/train_tiny_dllm.py)
@@ -21,10 +22,7 @@ def _accuracy(name: str, result, prompts) -> float:
     return float(np.mean([tasks.solved(name, p, result.row(i)) for i, p in enumerate(prompts)]))
 
 
-# Block diffusion scores one block per training example (an eighth of fill's answer), and 2400 steps left its
-# fill-256 model at 4% wrong tokens: not shipped.
-SHIPPED = [(a, n) for a in ("bidirectional", "block_causal") for n in tasks.LONG
-           if (a, n) != ("block_causal", "fill-256")]
+SHIPPED = [run for run in RUNS if run[1] in tasks.LONG]  # the runs train_tiny_dllm.py ships (not block fill-256)
 
 
 @pytest.mark.slow
