@@ -113,8 +113,9 @@ def _lookahead(options: dict) -> protocol.Needs:
 
 
 def _dllm(options: dict) -> protocol.Needs:
-    """Masked diffusion with the chosen attention; a KV cache attends through `cache_visible`."""
-    extras = frozenset() if options["cache"] == "none" else frozenset({"cache_visible"})
+    """Masked diffusion with the chosen attention; a KV cache is refreshed by `refill` passes and attended
+    through `cache_visible`."""
+    extras = frozenset() if options["cache"] == "none" else frozenset({"cache_visible", "refill"})
     return protocol.Needs(objective=protocol.MASKED_DIFFUSION, mask_modes=frozenset({options["attention"]}),
                           extras=extras)
 

@@ -237,6 +237,7 @@ def forward(
     mask_mode: str | masks.MaskMode = "causal",
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    refill: bool = False,
     tree_mask: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
     logits: str = "all",
@@ -250,10 +251,10 @@ def forward(
     kept out of the conv window, so it leaves every state as it was and `lengths` advances by
     `valid.sum(-1)`. A cache with T == 1 runs the O(1) step; anything else runs the chunked scan
     (starting from the cache's states if given). Only mask_mode "causal" exists for a recurrence, and
-    no extras (`cache_visible`, `tree_mask`, `cache_rows`): passing them raises `UnsupportedError`.
+    no extras (`cache_visible`, `refill`, `tree_mask`, `cache_rows`): passing them raises `UnsupportedError`.
     """
     protocol.check_forward(capabilities(cfg), masks.as_mask_mode(mask_mode), cache_visible, tree_mask,
-                           cache_rows)
+                           cache_rows, refill)
     _check_inputs(cfg, tokens, positions, cache, valid)
     require(cache is not None or not trace, "forward(..., trace=True) traces a cached forward (for rollback)")
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")

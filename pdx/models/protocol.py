@@ -9,7 +9,7 @@ strategy.
     init_params(cfg, key, dtype, scale) -> params  stacked layers (the portable layout)
     init_cache(cfg, batch, max_len, dtype, *, per_layer=None) -> cache   a pytree with `lengths [B]`
     forward(params, cfg, tokens, positions, cache=None, *, mask_mode, valid, cache_visible,
-            tree_mask, cache_rows, logits, trace) -> (logits, cache) | (logits, cache, trace) when trace=True
+            refill, tree_mask, cache_rows, logits, trace) -> (logits, cache) | (logits, cache, trace) when trace=True
     rollback(params, cfg, before, after, trace, keep) -> cache
         `after`/`trace` from a traced forward that started at `before`: the cache as if that forward
         had consumed only the first `keep [B]` of its tokens (speculative rejection)
@@ -36,7 +36,7 @@ CAUSAL_LM = "causal_lm"  # next-token prediction: AR and speculative decoding
 MASKED_DIFFUSION = "masked_diffusion"  # predicts masked tokens from a mask_token_id canvas: dLLM decoding
 ROLLBACK_KV = "kv_length"  # lower `cache.lengths`: slots past it are dead
 ROLLBACK_TRACE = "state_trace"  # recurrent states: rebuild from the traced forward's inputs
-EXTRAS = ("cache_visible", "tree_mask", "cache_rows")
+EXTRAS = ("cache_visible", "refill", "tree_mask", "cache_rows")
 MASK_KINDS = ("causal", "bidirectional", "block_causal")
 
 
@@ -80,6 +80,7 @@ def missing(caps: Capabilities, needs: Needs) -> list[str]:
     for extra in sorted(needs.extras - caps.extras):
         out.append({"tree_mask": "it verifies a tree of drafts in one pass (tree attention)",
                     "cache_visible": "it attends to cached slots past the write offset (dual cache)",
+                    "refill": "it refills a KV cache from a pass that attends to no cached slot (cache refresh)",
                     "cache_rows": "it packs the tokens of several cache rows into one sequence"}[extra])
     if needs.layer_skip and not caps.layer_skip:
         out.append("it drops layers to draft (layer skipping)")
@@ -105,12 +106,14 @@ def new_cache(family, params, cfg, batch: int, max_len: int, dtype):
     return family.init_cache(cfg, batch, max_len, dtype, per_layer=family.is_per_layer(params))
 
 
-def check_forward(caps: Capabilities, mask_mode, cache_visible=None, tree_mask=None, cache_rows=None) -> None:
+def check_forward(caps: Capabilities, mask_mode, cache_visible=None, tree_mask=None, cache_rows=None,
+                  refill: bool = False) -> None:
     """`forward`-level guard: a mask mode or extra the family does not declare is an `UnsupportedError`."""
     kind = getattr(mask_mode, "kind", mask_mode)
     if kind not in caps.mask_modes:
         raise UnsupportedError(f"{caps.name} supports mask modes {sorted(caps.mask_modes)}, not {kind!r}")
-    for name, value in (("cache_visible", cache_visible), ("tree_mask", tree_mask), ("cache_rows", cache_rows)):
+    for name, value in (("cache_visible", cache_visible), ("refill", refill or None), ("tree_mask", tree_mask),
+                        ("cache_rows", cache_rows)):
         if value is not None and name not in caps.extras:
             raise UnsupportedError(f"{caps.name}'s forward does not take {name}")
 

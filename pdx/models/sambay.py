@@ -349,6 +349,7 @@ def forward(
     mask_mode: str | masks.MaskMode = "causal",
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    refill: bool = False,
     tree_mask: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
     logits: str = "all",
@@ -362,10 +363,10 @@ def forward(
     was, and `lengths` advances by `valid.sum(-1)`. A cache with T == 1 runs the O(1) Mamba steps.
     logits (static): "all" -> `[B, T, V]`; "last" -> `[B, 1, V]` at each row's last valid token,
     running layer h+1's attention and the cross-decoder on that token only (linear prefill).
-    Causal only, no extras (`cache_visible`, `tree_mask`, `cache_rows`: an `UnsupportedError`).
+    Causal only, no extras (`cache_visible`, `refill`, `tree_mask`, `cache_rows`: an `UnsupportedError`).
     """
     protocol.check_forward(capabilities(cfg), masks.as_mask_mode(mask_mode), cache_visible, tree_mask,
-                           cache_rows)
+                           cache_rows, refill)
     _check_inputs(cfg, tokens, positions, cache, valid, logits)
     require(cache is not None or not trace, "forward(..., trace=True) traces a cached forward (for rollback)")
     b, t = tokens.shape

@@ -198,6 +198,7 @@ def hidden_states(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    refill: bool = False,
     tree_mask: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
@@ -210,6 +211,8 @@ def hidden_states(
     per-row prefix (right padding) there; the padding's slots are overwritten by later writes.
     `cache_visible [B, S]` (optional) replaces `slot < lengths[b]` as the set of cached slots the
     queries see, e.g. a dLLM dual cache that also attends to cached suffix slots past the write offset.
+    `refill` (static, with a cache): the tokens attend only among themselves, as with no cache, and are
+    written to it: a dLLM cache refresh, which skips the attention over cached slots it cannot see.
     `tree_mask [B, T, T]` (optional) is ANDed with the visibility among the new tokens: speculative tree
     verification, where each node (position = prefix length + depth) sees only its ancestors.
     `cache_rows [1, T]` (optional, causal, with a cache): packed tokens of several cache rows in one
@@ -221,6 +224,9 @@ def hidden_states(
     mode = masks.as_mask_mode(mask_mode)
     b, t = tokens.shape
     packed = cache_rows is not None
+    require(not refill or (cache is not None and cache_visible is None and tree_mask is None and not packed),
+            "refill writes a fresh pass into a cache: it needs a cache and takes no cache_visible, tree_mask or "
+            "cache_rows")
     if packed:
         require(cache is not None and mode.kind == "causal" and b == 1 and cache_visible is None
                 and tree_mask is None and cache_rows.shape == tokens.shape,
@@ -287,7 +293,7 @@ def hidden_states(
                 # write lets XLA update the buffer in place (reading first and writing after copied it).
                 ck[i], cv[i] = write(ck[i], k), write(cv[i], v)
                 cached = (ck[i], cv[i])
-            x = finish(x, p, windows[i], q, k, v, cached, written=True)
+            x = finish(x, p, windows[i], q, k, v, None if refill else cached, written=True)
         ck, cv = (None, None) if cache is None else (tuple(ck), tuple(cv))
     else:
 
@@ -297,7 +303,7 @@ def hidden_states(
             if packed:  # attention reads the keys from the cache: write this layer's first, return it whole
                 cached = (write(cached[0], k), write(cached[1], v))
                 return finish(x, p, window, q, k, v, cached, written=True), cached
-            return finish(x, p, window, q, k, v, cached, written=False), (k, v)
+            return finish(x, p, window, q, k, v, None if refill else cached, written=False), (k, v)
 
         x, (new_k, new_v) = lax.scan(layer, x, (layers, windows, None if cache is None else (ck, cv)))
         if packed:  # new_k: the whole [L, B, K, S, H] cache
@@ -393,6 +399,7 @@ def forward(
     mask_mode: str | MaskMode = CAUSAL,
     valid: jax.Array | None = None,
     cache_visible: jax.Array | None = None,
+    refill: bool = False,
     tree_mask: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
     logits: str = "all",
@@ -407,7 +414,8 @@ def forward(
     with none)."""
     require(logits in ("all", "last"), f"logits must be 'all' or 'last', got {logits!r}")
     x, new_cache = hidden_states(params, cfg, tokens, positions, cache, mask_mode=mask_mode, valid=valid,
-                                 cache_visible=cache_visible, tree_mask=tree_mask, cache_rows=cache_rows)
+                                 cache_visible=cache_visible, refill=refill, tree_mask=tree_mask,
+                                 cache_rows=cache_rows)
     if logits == "last" and cache_rows is not None:
         n_rows = cache.lengths.shape[0]
         rows = _packed_rows(cache_rows, jnp.ones_like(cache_rows, bool) if valid is None else valid, n_rows)

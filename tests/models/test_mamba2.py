@@ -244,6 +244,8 @@ def test_bad_inputs_raise_pdx_errors(tiny):
     tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
     with pytest.raises(UnsupportedError, match="causal"):
         m2.forward(params, cfg, tokens, tokens, mask_mode="bidirectional")
+    with pytest.raises(UnsupportedError, match="refill"):
+        m2.forward(params, cfg, tokens, tokens, m2.init_cache(cfg, 1), refill=True)
     with pytest.raises(InvalidInputError, match="token ids"):
         m2.forward(params, cfg, jnp.asarray([[1, 64]], jnp.int32), tokens[:, :2])
     with pytest.raises(InvalidInputError, match="token ids"):

@@ -123,6 +123,28 @@ def test_prefill_then_decode_matches_full_forward(tiny_cfg, window):
     assert cache.lengths.tolist() == [n + m] * 2
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_refill_equals_a_cacheless_pass_and_writes_its_keys(tiny_cfg, per_layer):
+    """A refill (dLLM cache refresh) attends to no cached slot, whatever the cache held: its logits equal
+    the cacheless pass's, and it leaves the keys that pass computed, so a later query sees them."""
+    params = tf.init_params(tiny_cfg, jax.random.PRNGKey(0), scale=0.2)
+    params = tf.unstack_layers(params) if per_layer else params
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, tiny_cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    plain, _ = tf.forward(params, tiny_cfg, tokens, pos, mask_mode=BIDIRECTIONAL)
+    stale = tf.init_cache(tiny_cfg, 2, 8, per_layer=per_layer)
+    stale = jax.tree.map(lambda a: a + 3.0 if a.dtype == jnp.float32 else a, stale)  # garbage it must not read
+    logits, cache = tf.forward(params, tiny_cfg, tokens, pos, stale, mask_mode=BIDIRECTIONAL, refill=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), atol=1e-5)
+    # the last token again, against every refilled slot: the same logits as in the plain pass
+    cache = tf.KVCache(cache.k, cache.v, jnp.full((2,), 7, jnp.int32))
+    again, _ = tf.forward(params, tiny_cfg, tokens[:, 7:], pos[:, 7:], cache,
+                          mask_mode=BIDIRECTIONAL, cache_visible=jnp.broadcast_to(jnp.arange(8) < 7, (2, 8)))
+    np.testing.assert_allclose(np.asarray(again[:, 0]), np.asarray(plain[:, 7]), atol=1e-5)
+    with pytest.raises(InvalidInputError, match="refill"):
+        tf.forward(params, tiny_cfg, tokens, pos, mask_mode=BIDIRECTIONAL, refill=True)
+
+
 @pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes on CI
 def test_cache_rows_of_different_lengths(tiny_cfg):
     """Right-padded prefill (lengths advance by valid tokens), then decode: each row matches its own full forward."""

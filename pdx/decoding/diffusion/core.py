@@ -72,10 +72,17 @@ class Spec:
         return BIDIRECTIONAL if self.attention == "bidirectional" else MaskMode("block_causal", self.block_size)
 
     @property
+    def window(self) -> int:
+        """Tokens a cached pass feeds: the block, or with a prefix cache and bidirectional attention the
+        block and its suffix (a fixed G tokens), which the block's queries see. Under block-causal attention
+        they see no later block, so the block alone gives the same logits."""
+        wide = self.cache == "prefix" and self.attention == "bidirectional"
+        return (self.gen_length if wide else self.block_size) + self.logit_shift
+
+    @property
     def cache_slots(self) -> int:
-        """Prefix mode feeds a fixed G-token window (block + suffix) that may run G - K past the canvas."""
-        w = self.prompt_width + self.gen_length
-        return w + self.gen_length - self.block_size + self.logit_shift if self.cache == "prefix" else w
+        """A G-token prefix window may run G - K past the canvas (padding slots)."""
+        return self.prompt_width + self.gen_length + self.window - self.block_size - self.logit_shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,29 +94,27 @@ def _positions(cols: jax.Array, b: int) -> jax.Array:
 
 
 def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
-    """Whole canvas `x [B, W]`; with a cache, (re)fills every slot (a per-block refresh)."""
+    """Whole canvas `x [B, W]`; with a cache, refills every slot from it (a per-block refresh: the pass
+    attends to no cached slot, so it costs what a pass without a cache does)."""
     b, w = x.shape
-    visible = None
+    kwargs = {}
     if cache is not None:
         cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
-        # A fresh pass sees no cached slots. The barrier keeps XLA from constant-folding the attention over
-        # them (all masked): folding [B, H, 1, W, S] reductions took 10-16 s of each compile at W = S = 512.
-        visible = lax.optimization_barrier(jnp.zeros((b, cache.max_len), bool))
+        kwargs = dict(refill=True)
     logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, mask_mode=spec.mask_mode,
-                                        valid=valid, cache_visible=visible)
+                                        valid=valid, **kwargs)
     return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
 
 
 def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
-    """Only the current block (dual) or block + suffix (prefix) against the cache.
+    """Only the `spec.window` tokens from the current block on against the cache.
 
     The window starts `logit_shift` columns early so its first logits predict the block's first
     slot. Prefix mode: the window's queries see cached slots before the window. Dual mode: also the
     cached suffix after it. The window's fresh keys overwrite its own slots, which no query reads.
     """
     b, w = x.shape
-    k, shift = spec.block_size, spec.logit_shift
-    n = (spec.gen_length if spec.cache == "prefix" else k) + shift
+    k, shift, n = spec.block_size, spec.logit_shift, spec.window
     lo = start - shift
     pad = n - k - shift  # the prefix window may run past the canvas: padding, never attended
     xp = jnp.pad(x, ((0, 0), (0, pad)))
