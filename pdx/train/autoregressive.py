@@ -55,7 +55,7 @@ def train(cfg: transformer.Config, tc: TrainConfig, window_fn, params=None, prog
     return loop.fit(params, loop.optimizer(tc), lambda p, o, batch, key, step: train_step(p, o, cfg, tc, batch),
                     lambda rng, step: jnp.asarray(window_fn(rng, tc.batch, tc.seq_len)), steps=tc.steps,
                     seed=tc.seed, checkpoint_dir=checkpoint_dir, save_every=save_every, progress=progress,
-                    desc="train ar")
+                    desc="train ar", meta=dict(train=dataclasses.asdict(tc)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,4 +117,4 @@ def train_answers(cfg: transformer.Config, tc: TrainConfig, canvases: tuple[Canv
 
     return loop.fit(params, loop.optimizer(tc), step_fn, batch_fn, steps=tc.steps, seed=tc.seed,
                     checkpoint_dir=checkpoint_dir, save_every=save_every, progress=progress, desc="train ar",
-                    time_limit_s=time_limit_s)
+                    meta=dict(train=dataclasses.asdict(tc)), time_limit_s=time_limit_s)

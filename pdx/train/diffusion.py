@@ -6,7 +6,11 @@ Objective: draw t ~ U(0, 1), mask each answer token with probability t, and mini
 cross-entropy on masked positions weighted by 1/t (an upper bound on the negative log-likelihood).
 Block diffusion (block-causal attention) draws one block per example: earlier blocks are clean,
 the block is masked at rate t, later blocks (invisible to it) are fully masked, and only that
-block's masked tokens are scored, matching how the block is decoded.
+block's masked tokens are scored, matching how the block is decoded. With `all_blocks` it scores
+every block at once (BD3-LM's vectorised objective, Arriola et al. 2025): the pass reads the clean
+canvas followed by a noisy copy of the answer at the same positions, where each noisy block sees
+the clean columns before it and itself only (`bd3_mask`), so every block is denoised from the
+context it is decoded in, for one pass over P + 2G tokens instead of one per block.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class TrainConfig:
     # (RADD, Ou et al. 2024). With G = 32, t ~ U(0, 1) leaves rows with one masked token weighted up to 1/min_t
     # that dominate (and, clipped, shrink) the gradient; here the weight is at most G and no row scores nothing.
     count_masking: bool = False
+    all_blocks: bool = False  # block_causal: score every block in one pass (BD3-LM), not one block per example
     seed: int = 0
 
 
@@ -75,7 +80,7 @@ def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
     else:
         masked = jax.random.uniform(km, (b, g)) < t[:, None]
     scored = masked
-    if tc.attention == "block_causal":
+    if tc.attention == "block_causal" and not tc.all_blocks:
         block = jnp.arange(g) // tc.block_size  # [G]
         j = jax.random.randint(kb, (b, 1), 0, g // tc.block_size)
         scored = masked & (block == j)
@@ -83,20 +88,42 @@ def noise(key, gen: jax.Array, mask_id: int, tc: TrainConfig):
     return jnp.where(masked, mask_id, gen), scored, t
 
 
+def bd3_mask(prompt_len: int, gen_len: int, block: int) -> np.ndarray:
+    """Bool `[T, T]`, T = P + 2G, over `[prompt | clean answer | noisy answer]`: the clean canvas is
+    block-causal; a noisy token of answer block j sees the clean columns before block j and the noisy
+    tokens of block j; no clean token sees a noisy one."""
+    w = prompt_len + gen_len
+    clean_block = np.arange(w) // block  # [W]
+    noisy_block = (prompt_len + np.arange(gen_len)) // block  # [G]: the same column's block
+    out = np.zeros((w + gen_len, w + gen_len), bool)
+    out[:w, :w] = clean_block[:, None] >= clean_block[None, :]
+    out[w:, :w] = noisy_block[:, None] > clean_block[None, :]
+    out[w:, w:] = noisy_block[:, None] == noisy_block[None, :]
+    return out
+
+
 def loss_fn(params, cfg: transformer.Config, tc: TrainConfig, tokens, valid, key, prompt_len: int):
     """Masked-diffusion loss of one batch: sum over scored positions of CE / t, per candidate position.
     With `cfg.logit_shift = 1` (Dream; an AR-initialised dLLM keeps its next-token head) the logits one
     column to the left predict each answer token."""
     gen = tokens[:, prompt_len:]
+    b, g = gen.shape
     noisy, scored, t = noise(key, gen, cfg.mask_token_id, tc)
-    x = tokens.at[:, prompt_len:].set(noisy)
-    mode = BIDIRECTIONAL if tc.attention == "bidirectional" else MaskMode("block_causal", tc.block_size)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
-    logits, _ = transformer.forward(params, cfg, x, positions, mask_mode=mode, valid=valid)
-    lo = prompt_len - cfg.logit_shift
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, lo : lo + gen.shape[1]], gen)  # [B, G]
-    per_row = gen.shape[1] if tc.attention == "bidirectional" else tc.block_size
-    return jnp.sum(jnp.where(scored, ce, 0.0) / t[:, None]) / (gen.shape[0] * per_row)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if tc.attention == "block_causal" and tc.all_blocks:
+        x = jnp.concatenate([tokens, noisy], axis=1)  # [B, P + 2G]: the noisy copy at the answer's positions
+        kwargs = dict(mask_mode=BIDIRECTIONAL, valid=jnp.concatenate([valid, valid[:, prompt_len:]], axis=1),
+                      tree_mask=jnp.broadcast_to(bd3_mask(prompt_len, g, tc.block_size), (b, *[x.shape[1]] * 2)))
+        positions = jnp.concatenate([positions, positions[:, prompt_len:]], axis=1)
+        lo, per_row = tokens.shape[1] - cfg.logit_shift, g
+    else:
+        x = tokens.at[:, prompt_len:].set(noisy)
+        mode = BIDIRECTIONAL if tc.attention == "bidirectional" else MaskMode("block_causal", tc.block_size)
+        kwargs = dict(mask_mode=mode, valid=valid)
+        lo, per_row = prompt_len - cfg.logit_shift, g if tc.attention == "bidirectional" else tc.block_size
+    logits, _ = transformer.forward(params, cfg, x, positions, **kwargs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, lo : lo + g], gen)  # [B, G]
+    return jnp.sum(jnp.where(scored, ce, 0.0) / t[:, None]) / (b * per_row)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "prompt_len"), donate_argnums=(0, 1))
@@ -114,6 +141,8 @@ def validate(tc: TrainConfig, prompt_len: int, gen_lens: tuple[int, ...]) -> Non
     require(tc.attention in ("bidirectional", "block_causal"),
             f"attention must be 'bidirectional' or 'block_causal', got {tc.attention!r}")
     require(all(g >= 1 for g in gen_lens), f"generation lengths must be positive, got {gen_lens}")
+    require(not tc.all_blocks or tc.attention == "block_causal",
+            "all_blocks scores the blocks of block_causal attention")
     if tc.attention == "block_causal":
         for n in (prompt_len, *gen_lens):
             require(tc.block_size >= 1 and n % tc.block_size == 0,
@@ -131,6 +160,7 @@ def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, ge
     Returns (params, losses [steps])."""
     gen_lens = (gen_len,) if isinstance(gen_len, int) else tuple(gen_len)
     validate(tc, prompt_len, gen_lens)
+    require(not tc.all_blocks or cfg.logit_shift == 0, "all_blocks trains a block-diffusion model without logit shift")
     key = jax.random.PRNGKey(tc.seed)
     if params is None:
         params = transformer.init_params(cfg, jax.random.fold_in(key, 2**31))
@@ -144,7 +174,7 @@ def train(cfg: transformer.Config, tc: TrainConfig, data_fn, prompt_len: int, ge
 
     return loop.fit(params, loop.optimizer(tc), step_fn, batch_fn, steps=tc.steps, seed=tc.seed,
                     checkpoint_dir=checkpoint_dir, save_every=save_every, progress=progress,
-                    desc=f"train {tc.attention}", time_limit_s=time_limit_s)
+                    desc=f"train {tc.attention}", meta=dict(train=dataclasses.asdict(tc)), time_limit_s=time_limit_s)
 
 
 def plot_losses(curves: dict[str, np.ndarray], path: str, window: int = 50, title: str = "tiny dLLM training",

@@ -92,7 +92,8 @@ def fit(params, optimizer, step_fn: Callable, batch_fn: Callable, *, steps: int,
 
     step_fn(params, opt_state, batch, key, step) -> (params, opt_state, loss): one jitted update.
     batch_fn(rng, step) -> batch: the step's data, drawn from the numpy generator `rng`.
-    checkpoint_dir: where the training state lives; a run finding one there resumes from it.
+    checkpoint_dir: where the training state lives; a run finding one there resumes from it, unless it
+    was saved with another `meta` (a different recipe: an `InvalidInputError`, not a silent mix).
     time_limit_s: stop after this many seconds (saving the state first): a long schedule runs in pieces,
     and the losses returned are then fewer than `steps` (the run is not finished)."""
     import time
@@ -113,7 +114,11 @@ def fit(params, optimizer, step_fn: Callable, batch_fn: Callable, *, steps: int,
     start, losses, before = 0, [], 0.0
     if checkpoint_dir:
         recover_dir(checkpoint_dir)  # what a run killed while saving left: a half-written or swapped-out state
-        if os.path.isfile(os.path.join(checkpoint_dir, PROGRESS)):
+        saved = read_progress(checkpoint_dir)
+        if saved is not None:
+            if changed := sorted(k for k, v in (meta or {}).items() if saved.get(k) != json.loads(json.dumps(v))):
+                raise InvalidInputError(f"{checkpoint_dir} holds a run with other {', '.join(changed)} settings: "
+                                        "remove it to start over, or pick another directory")
             params, opt_state, start, losses, before = _restore(checkpoint_dir, params, opt_state, rng)
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=desc)
     for step in bar:

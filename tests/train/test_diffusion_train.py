@@ -118,6 +118,36 @@ def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention, shift):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+def test_all_blocks_scores_each_block_from_its_decoding_context():
+    """BD3-LM's one pass equals, block by block, a block-causal pass over [prompt | clean blocks before
+    it | its noisy block], and scores every masked answer token."""
+    tc = diffusion.TrainConfig(attention="block_causal", block_size=8, all_blocks=True)
+    params = tf.init_params(CFG, jax.random.PRNGKey(0), scale=0.2)
+    tokens, valid = _batch(4)
+    key = jax.random.PRNGKey(5)
+    p, g = tasks.PROMPT_LEN, tasks.GEN_LEN
+    noisy, scored, t = diffusion.noise(key, tokens[:, p:], tasks.MASK, tc)
+    np.testing.assert_array_equal(np.asarray(scored), np.asarray(noisy) == tasks.MASK)  # every block
+    nll = np.zeros((4, g))
+    pos = jnp.broadcast_to(jnp.arange(p + g), (4, p + g))
+    for j in range(g // 8):
+        x = tokens.at[:, p + 8 * j : p + 8 * j + 8].set(noisy[:, 8 * j : 8 * j + 8])  # later blocks: unseen
+        logits, _ = tf.forward(params, CFG, x, pos, mask_mode=MaskMode("block_causal", 8), valid=valid)
+        logp = np.asarray(jax.nn.log_softmax(logits[:, p + 8 * j : p + 8 * j + 8]))
+        answer = np.asarray(tokens[:, p + 8 * j : p + 8 * j + 8])
+        nll[:, 8 * j : 8 * j + 8] = -np.take_along_axis(logp, answer[..., None], -1)[..., 0]
+    expected = (nll * np.asarray(scored) / np.asarray(t)[:, None]).sum() / (4 * g)
+    loss = diffusion.loss_fn(params, CFG, tc, tokens, valid, key, p)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_bd3_mask_layout():
+    m = diffusion.bd3_mask(4, 4, 2)  # prompt blocks 0-1, answer blocks 2-3, noisy copies of 2-3
+    assert m[:8, 8:].sum() == 0  # the clean canvas never sees the noisy copy
+    assert m[8, :4].all() and not m[8, 4:8].any()  # noisy block 2: the prompt, not its own clean block
+    assert m[10, :6].all() and not m[10, 6:8].any() and m[10, 10:].all() and not m[10, 8:10].any()
+
+
 def test_training_reduces_loss():
     tc = diffusion.TrainConfig(steps=60, batch=16, lr=3e-3, warmup=10)
     _, losses = diffusion.train(CFG, tc, lambda rng, n, _g: tasks.sample(rng, n, ("copy",)), tasks.PROMPT_LEN,

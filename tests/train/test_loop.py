@@ -54,6 +54,14 @@ def test_a_state_of_another_model_is_refused(tmp_path):
         autoregressive.train(wider, TC, windows, progress=False, checkpoint_dir=str(tmp_path))
 
 
+def test_a_state_of_another_recipe_is_refused(tmp_path):
+    """Same model, other training settings (here the learning rate): resuming would mix two recipes."""
+    autoregressive.train(CFG, TC, windows, progress=False, checkpoint_dir=str(tmp_path), save_every=5)
+    other = autoregressive.TrainConfig(**{**TC.__dict__, "lr": 3e-3})
+    with pytest.raises(InvalidInputError, match="other train settings"):
+        autoregressive.train(CFG, other, windows, progress=False, checkpoint_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("bad, match", [(dict(steps=0), "steps must be positive"),
                                         (dict(seq_len=1), "seq_len"), (dict(seq_len=65), "exceeds")])
 def test_bad_ar_options_raise(bad, match):

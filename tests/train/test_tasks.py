@@ -80,6 +80,7 @@ def test_long_tasks_fit_their_canvas_and_held_out_is_fixed():
     (lambda: tasks.solved("bogus", [1], [1]), "unknown task"),
     (lambda: tasks.check_canvas(("copy", "fill-256"), 32, 256), "needs 256 prompt and 256 generated columns"),
     (lambda: tasks.check_canvas(("agree-256",), 32, 128), "needs 32 prompt and 256"),
+    (lambda: diffusion.validate(diffusion.TrainConfig(all_blocks=True), 32, (32,)), "all_blocks scores the blocks"),
 ])
 def test_bad_task_and_canvas_options_raise(call, match):
     with pytest.raises(InvalidInputError, match=match):
