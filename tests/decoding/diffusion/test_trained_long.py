@@ -1,4 +1,4 @@
-"""The shipped long-canvas tiny dLLMs (fill-256, agree-256 and agree-512; bidirectional and block diffusion),
+"""The shipped long-canvas tiny dLLMs (fill-256, agree-256, agree-512, halves-512; bidirectional and block diffusion),
 the re-posed choice models and the same-vocabulary AR model: each loads and solves its tasks on held-out
 instances one token per step, and the AR model's greedy output is a step-by-step AR loop's."""
 
@@ -22,7 +22,7 @@ def _accuracy(name: str, result, prompts) -> float:
     return float(np.mean([tasks.solved(name, p, result.row(i)) for i, p in enumerate(prompts)]))
 
 
-SHIPPED = [run for run in RUNS if run[1] in tasks.LONG]  # the runs train_tiny_dllm.py ships (not block fill-256)
+SHIPPED = [run for run in RUNS if run[1] in tasks.LONG]  # the long runs train_tiny_dllm.py ships
 
 
 @pytest.mark.slow
