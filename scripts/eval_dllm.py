@@ -6,10 +6,10 @@ checkpoints/tiny_dllm): LLaDA at 1 token per step (the baseline, in 16-token blo
 over the answer) and with fewer fixed steps, Fast-dLLM threshold / factor decoding with no cache,
 prefix cache and dual cache; the exact caches on the block-diffusion models. Accuracy: exact match.
 
-Long (`fill-256/512`, `agree-256/512`, on their own tiny models in checkpoints/tiny_dllm; they stand in
+Long (`fill-256`, `agree-256/512`, on their own tiny models in checkpoints/tiny_dllm; they stand in
 for the code workload until a code dLLM ships): LLaDA at 1 token per step (the block-diffusion model
-with its exact prefix cache) and Fast-dLLM's threshold 0.9 with no cache, prefix cache and dual cache,
-in 32-token blocks. Accuracy: exact match (fill) or a valid answer (agree).
+with its exact prefix cache; both also with the dual cache) and Fast-dLLM's threshold 0.9 with no cache,
+prefix cache and dual cache, in 32-token blocks. Accuracy: exact match (fill) or a valid answer (agree).
 
 AR (`--workloads ar`): the same-vocabulary causal model (checkpoints/tiny_ar, scripts/train_tiny_ar.py)
 on the synthetic and long tasks, greedy with pdx's AR engine: one forward per generated token (the

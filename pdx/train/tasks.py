@@ -7,17 +7,14 @@ consecutive letters: decoding the letters independently mixes words), repeat (wr
 letters 12 times: each slot alone is a 4-way coin flip, together they must agree) and a 4x4
 sudoku (cells constrain each other; several completions may be valid).
 
-Long canvases (`fill-256`, `agree-256`, `agree-512`, `halves-512`: 256 and 512 generated columns), where
-a KV cache must pay and answer tokens depend on each other across the canvas:
+Long canvases (`fill-256`, `agree-256`, `agree-512`: 256 and 512 generated columns), where a KV cache
+must pay and answer tokens depend on each other across the canvas:
 - fill: a copy with edits spread over the whole prompt: the prompt is letters and dittos (BLANK), the
   answer (255 tokens, then EOS) repeats each letter and replaces every ditto by the letter before it (so
   a ditto's answer depends on its neighbour's answer, in chains). Only at 256: the 512 version's 1024-column
   canvas trains at 2.1 s per step of 8 here (0.4 s at 256), and 600 steps leave 1.6% of tokens wrong at 256.
 - agree: write any one of four listed letters in every column (no EOS): each slot alone is a 4-way coin
   flip, together all 256 or 512 must agree.
-- halves: write one of four listed letter pairs (x, y) as x in every column of the first half and y in
-  every column of the second (no EOS): the pairs share letters, so the letter written in one half limits
-  the other half's 256 columns to the pairs that continue it.
 
 One shared vocabulary of 48 ids; each example is a prompt and an answer, and the model is trained
 to write `answer + EOS` padded with EOS to the generation length (LLaDA's SFT recipe).
@@ -34,7 +31,7 @@ from pdx.errors import InvalidInputError
 
 PAD, EOS, SEP, PLUS, SLASH, BLANK = 0, 1, 2, 3, 4, 5
 TASK_IDS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "choice": 10, "sudoku": 11, "shift": 38, "repeat": 39,
-            "fill": 40, "agree": 41, "halves": 42}
+            "fill": 40, "agree": 41}
 DIGIT0, LETTER0, NUM_LETTERS = 12, 22, 16
 MASK = 47
 VOCAB_SIZE = 48
@@ -194,7 +191,7 @@ def _sudoku_ok(prompt, out) -> bool:
     return all(len(set(x.tolist())) == 4 for x in groups)
 
 
-FILL_LENGTHS, AGREE_LENGTHS, HALVES_LENGTHS = (256,), (256, 512), (512,)  # generated columns of the long tasks
+FILL_LENGTHS, AGREE_LENGTHS = (256,), (256, 512)  # generated columns of the long tasks
 DITTO_RATE = 0.3  # share of a fill prompt's tokens (after the first) that repeat the letter before them
 
 
@@ -223,27 +220,6 @@ def _agree(length: int):
         return [TASK_IDS["agree"], *letters, SEP], [letters[int(rng.integers(0, 4))]] * length
 
     return make
-
-
-def _halves(length: int):
-    def make(rng):
-        a, b, c, d = (LETTER0 + rng.choice(NUM_LETTERS, 4, replace=False)).tolist()
-        pairs = [(a, b), (a, c), (d, b), (c, d)]  # each half's letter leaves 1 or 2 of the other's
-        order = rng.permutation(4)
-        prompt = [TASK_IDS["halves"], *(t for i in order for t in pairs[i]), SEP]
-        x, y = pairs[int(rng.integers(0, 4))]
-        return prompt, [x] * (length // 2) + [y] * (length // 2)
-
-    return make
-
-
-def _halves_ok(length: int):
-    def check(prompt, out):
-        pairs = set(zip(prompt[1:9:2], prompt[2:9:2]))
-        return len(out) == length and (out[0], out[-1]) in pairs and out == [out[0]] * (length // 2) + [
-            out[-1]] * (length // 2)
-
-    return check
 
 
 def _agree_ok(length: int):
@@ -284,7 +260,6 @@ TASKS = {
     "repeat": Task("repeat", False, _repeat, _repeat_ok),
     **{f"fill-{n}": Task(f"fill-{n}", False, _fill(n), _exact, prompt_len=n, gen_len=n) for n in FILL_LENGTHS},
     **{f"agree-{n}": Task(f"agree-{n}", False, _agree(n), _agree_ok(n), gen_len=n) for n in AGREE_LENGTHS},
-    **{f"halves-{n}": Task(f"halves-{n}", False, _halves(n), _halves_ok(n), gen_len=n) for n in HALVES_LENGTHS},
 }
 SHORT = tuple(name for name, task in TASKS.items() if task.gen_len == GEN_LEN)  # the 32-column suite
 LONG = tuple(name for name in TASKS if name not in SHORT)

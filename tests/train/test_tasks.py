@@ -48,24 +48,6 @@ def test_agree_accepts_any_listed_letter_in_every_column_and_nothing_mixed(lengt
     assert not task.check(prompt, [unlisted] * length)
 
 
-@pytest.mark.parametrize("length", tasks.HALVES_LENGTHS)
-def test_halves_accepts_each_listed_pair_and_nothing_else(length):
-    task, half = tasks.get(f"halves-{length}"), length // 2
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        prompt, answer = task.make(rng)
-        assert len(prompt) == 10 and len(answer) == length == task.gen_len and task.check(prompt, answer)
-        pairs = list(zip(prompt[1:9:2], prompt[2:9:2]))
-        assert len(set(pairs)) == 4
-        for x, y in pairs:
-            assert tasks.solved(f"halves-{length}", prompt, [x] * half + [y] * half)
-        firsts, seconds = {x for x, _ in pairs}, {y for _, y in pairs}
-        x, y = next((x, y) for x in firsts for y in seconds if (x, y) not in pairs)  # each half valid alone
-        assert not task.check(prompt, [x] * half + [y] * half)
-        x, y = pairs[0]
-        assert not task.check(prompt, [x] * (half + 1) + [y] * (half - 1))  # the halves meet mid-canvas
-
-
 def test_choice_words_are_runs_and_mixing_them_fails():
     rng = np.random.default_rng(2)
     for _ in range(50):

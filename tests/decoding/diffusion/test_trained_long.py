@@ -1,4 +1,4 @@
-"""The shipped long-canvas tiny dLLMs (fill-256, agree-256, agree-512, halves-512; bidirectional and block diffusion),
+"""The shipped long-canvas tiny dLLMs (fill-256, agree-256 and agree-512; bidirectional and block diffusion),
 the re-posed choice models and the same-vocabulary AR model: each loads and solves its tasks on held-out
 instances one token per step, and the AR model's greedy output is a step-by-step AR loop's."""
 
