@@ -97,12 +97,10 @@ def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
     """Whole canvas `x [B, W]`; with a cache, refills every slot from it (a per-block refresh: the pass
     attends to no cached slot, so it costs what a pass without a cache does)."""
     b, w = x.shape
-    kwargs = {}
     if cache is not None:
         cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
-        kwargs = dict(refill=True)
     logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, mask_mode=spec.mask_mode,
-                                        valid=valid, **kwargs)
+                                        valid=valid, refill=cache is not None)
     return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
 
 
