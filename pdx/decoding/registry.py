@@ -77,6 +77,7 @@ SAMPLING = {
     "max_len": Option("int", ge=1, nullable=True),
 }
 SPECULATIVE = {k: v for k, v in SAMPLING.items() if k != "repetition_penalty"}  # penalties break losslessness
+SPECULATIVE["verifier"] = Option("str", choices=("token", "traversal"))  # engine.VERIFIERS
 DRAFT_K = Option("int", ge=1, le=64)
 SKIP = {"skip": Option("int_list", ge=0, nullable=True, literals=("auto",)), "num_skip": Option("int", ge=0,
                                                                                                nullable=True)}

@@ -107,6 +107,7 @@ def _exact_joint(model, prompt, temperature, top_k, steps=3):
 
 @pytest.mark.parametrize("kind, knobs", [
     ("draft", dict(temperature=1.0, top_k=0)),
+    ("draft", dict(temperature=1.0, top_k=0, verifier="traversal")),
     pytest.param("pld", dict(temperature=1.0, top_k=0), marks=pytest.mark.slow),
     pytest.param("draft", dict(temperature=0.8, top_k=3), marks=pytest.mark.slow),
 ])
@@ -141,6 +142,8 @@ def test_bad_input(target):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), k_init=3)
     with pytest.raises(InvalidInputError, match="repetition_penalty"):
         engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), repetition_penalty=1.2)
+    with pytest.raises(InvalidInputError, match="verifier must be one of"):
+        engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=2), verifier="tree")
 
 
 @pytest.mark.slow  # moved out of the default suite to keep it under 15 minutes on CI

@@ -66,6 +66,7 @@ def test_tree_greedy_self_and_random_draft(target):
 @pytest.mark.parametrize("kind, knobs", [
     ("tree", dict(temperature=1.0, top_k=0)),
     pytest.param("tree", dict(temperature=0.8, top_k=3), marks=pytest.mark.slow),
+    pytest.param("tree", dict(temperature=1.0, top_k=0, verifier="traversal"), marks=pytest.mark.slow),
     pytest.param("lookahead", dict(temperature=1.0, top_k=0), marks=pytest.mark.slow),
 ])
 def test_tree_sampling_is_lossless(kind, knobs):

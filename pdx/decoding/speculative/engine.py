@@ -5,8 +5,10 @@ forward pass over K+1 positions; the longest acceptable prefix d_1..d_n is kept,
 the target's own next token (correction or bonus), so every pass emits n+1 tokens. The target
 cache then keeps exactly last, d_1..d_n: the family's `rollback` (a KV cache lowers its lengths; a
 recurrent state is rebuilt from the traced forward's inputs). Greedy verification is exact match,
-so the output is token-identical to the AR engine; sampling uses lossless rejection sampling. K is
-static; the per-row draft budget k (adaptive length) is traced.
+so the output is token-identical to the AR engine; sampling uses lossless rejection sampling, token by
+token (`verifier="token"`: Leviathan et al. for chains, SpecInfer's multi-round rule for trees) or over
+whole drafted sequences from the leaves up (`verifier="traversal"`, `traversal.py`). K is static; the
+per-row draft budget k (adaptive length) is traced.
 
 Tree drafters (`tree_decode`) score a static tree of drafted nodes in the same single pass (tree
 attention mask) and move the accepted path's K/V into consecutive slots; see `tree.py`.
@@ -26,10 +28,12 @@ from jax import lax
 from pdx.decoding import ar, compiled
 from pdx.decoding.result import GenerationResult
 from pdx.decoding.sampling import SamplingParams
-from pdx.decoding.speculative import drafters, tree
+from pdx.decoding.speculative import drafters, traversal, tree
 from pdx.decoding.speculative.verify import verify_greedy, verify_sampling
 from pdx.errors import require
 from pdx.models import protocol
+
+VERIFIERS = ("token", "traversal")  # how sampled drafts are accepted (greedy drafts: always exact match)
 
 
 @jax.tree_util.register_dataclass
@@ -113,12 +117,25 @@ def keep(s: SpecState, n: jax.Array) -> jax.Array:
     return jnp.where(s.done, 0, n + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
+def _verify_chain_traversal(logits, tokens, n_draft, probs, sampling, key):
+    """Traversal Verification of a drafted chain (a tree of width one: sequence-level acceptance, the
+    paper's optimal case); probs [B, K, V]: the law each draft was drawn from."""
+    k = tokens.shape[1] - 1
+    chain = tree.Tree(parents=tuple(range(-1, k)), candidate=(False,) + (True,) * k)
+    q = jnp.concatenate([probs, jnp.zeros_like(probs[:, :1])], axis=1)  # [B, K+1, V]: the last node has no child
+    n, _, nxt = traversal.verify_traversal(chain, logits, tokens, jnp.arange(k) < n_draft[:, None], sampling, key, q)
+    return n, nxt
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive", "verifier"),
+                   donate_argnames=("state",))
 def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams, stop_ids, *, family, cfg, drafter,
-                adaptive: bool):
+                adaptive: bool, verifier: str = "token"):
     """Chain drafts: the drafter proposes up to K tokens, the target verifies K+1 positions."""
     kmax = drafter.k
     steps = jnp.arange(kmax + 1)
+    verify_sampled = _verify_chain_traversal if verifier == "traversal" else \
+        lambda logits, tokens, *a: verify_sampling(logits, tokens[:, 1:], *a)
 
     def body(s: SpecState) -> SpecState:
         key, k_draft, k_verify = jax.random.split(s.key, 3)
@@ -133,7 +150,7 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         if probs is None:
             probs = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
         n, nxt = lax.cond(sampling.temperature > 0,
-                          lambda: verify_sampling(logits, drafts, n_draft, probs, sampling, k_verify),
+                          lambda: verify_sampled(logits, tokens, n_draft, probs, sampling, k_verify),
                           lambda: verify_greedy(logits, drafts, n_draft))
         k = s.k
         if adaptive:  # grow on full acceptance, shrink on a rejection
@@ -145,9 +162,10 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
     return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "drafter", "adaptive", "verifier"),
+                   donate_argnames=("state",))
 def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams, stop_ids, *, family, cfg, drafter,
-                adaptive: bool = False):
+                adaptive: bool = False, verifier: str = "token"):
     """Tree drafts: the drafter fills the static `drafter.tree`; the target scores every node in one pass
     (tree attention mask, position = pos + depth), the accepted root-to-node path is kept and its K/V
     moved to consecutive slots. `adaptive` is unused (the tree shape is static)."""
@@ -155,6 +173,7 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
     depth = jnp.asarray(tr.depth, jnp.int32)  # [T+1]
     mask = jnp.asarray(tr.mask)  # [T+1, T+1]
     uses_hidden = getattr(drafter, "USES_HIDDEN", False)
+    verify_sampled = traversal.verify_traversal if verifier == "traversal" else tree.verify_sampling
 
     def body(s: SpecState) -> SpecState:
         key, k_draft, k_verify = jax.random.split(s.key, 3)
@@ -173,7 +192,7 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
         else:
             logits, cache = family.forward(*args, **kwargs)  # [B, T+1, V]
         n, path, nxt = lax.cond(sampling.temperature > 0,
-                                lambda: tree.verify_sampling(tr, logits, tokens, node_valid, sampling, k_verify),
+                                lambda: verify_sampled(tr, logits, tokens, node_valid, sampling, k_verify),
                                 lambda: tree.verify_greedy(tr, logits, tokens, node_valid))
         dstate = drafter.observe(dstate, logits, s.pos, n, path, hidden)
         cache = family.rollback(params, cfg, s.cache, tree.compact(cache, s.pos, path), None, keep(s, n))
@@ -186,15 +205,17 @@ def tree_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
 
 
 def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False, k_init: int | None = None,
-             **options) -> GenerationResult:
+             verifier: str = "token", **options) -> GenerationResult:
     """Speculative generation with `drafter` (see `drafters.py`); options as `pdx.decoding.ar.generate`.
 
     adaptive: grow the per-row draft budget on full acceptance and shrink it on a rejection
     (within the drafter's static K; changing it never recompiles). k_init: the starting budget.
     A drafter of `KIND` "tree" runs the tree loop (`tree_decode`) over its static `tree`; its K is the tree depth.
+    verifier: how sampled drafts are accepted, "token" or "traversal" (`VERIFIERS`; both lossless).
     """
     kmax = drafter.k
     is_tree = drafter.KIND == "tree"
+    require(verifier in VERIFIERS, f"verifier must be one of {list(VERIFIERS)}, got {verifier!r}")
     require(not (is_tree and adaptive), "adaptive draft length applies to chain drafters only (tree shapes are static)")
     needs = drafters.TREE_NEEDS if is_tree else protocol.Needs()
     if getattr(drafter, "USES_HIDDEN", False):
@@ -221,8 +242,8 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     decode = tree_decode if is_tree else spec_decode
-    state, c2 = compiled.run(decode, statics | {"adaptive": adaptive}, model.params, arrays, state, req.sampling,
-                             req.stop_ids)
+    state, c2 = compiled.run(decode, statics | {"adaptive": adaptive, "verifier": verifier}, model.params, arrays,
+                             state, req.sampling, req.stop_ids)
     s = jax.device_get(state)
     t2 = time.perf_counter()
     n, n_max = len(prompts), req.plan.max_new_tokens
