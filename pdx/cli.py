@@ -1,4 +1,4 @@
-"""`pdx` command line: generate | strategies | bench | eval | train."""
+"""`pdx` command line: generate | serve | strategies | bench | eval | train."""
 
 from __future__ import annotations
 
@@ -119,6 +119,27 @@ def cmd_generate(args) -> None:
                           "strategy": args.strategy}), flush=True)
 
 
+def cmd_serve(args) -> None:
+    """`pdx serve`: the OpenAI-compatible server (pdx.serve.app) on uvicorn until SIGINT / SIGTERM."""
+    import uvicorn
+
+    from pdx import settings
+    from pdx.model import load_model
+    from pdx.serve.app import create_app
+    from pdx.serve.engine import Engine
+
+    if args.no_cache:
+        os.environ["PDX_NO_CACHE"] = "1"
+    settings.enable_compilation_cache()
+    model = load_model(args.model, dtype=args.dtype)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
+                    sarathi=not args.no_sarathi, queue_size=args.queue_size)
+    name = args.model_name or os.path.basename(str(model.source) or "pdx").removesuffix(".gguf") or "pdx"
+    # SIGTERM / SIGINT: stop accepting, let streams in flight finish (30 s at most), then stop the engine
+    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+
+
 def cmd_strategies(args) -> None:
     from pdx.decoding import registry
 
@@ -177,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the converted-weights and compiled-program caches (PDX_CACHE_DIR)")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    v.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    v.add_argument("--model-name", default=None, help="the model id clients send (default: the file's name)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=16, help="batch slots (requests decoded together)")
+    v.add_argument("--max-len", type=int, default=2048, help="positions per slot: prompt + max_tokens")
+    v.add_argument("--chunk", type=int, default=256, help="prompt tokens per step (SARATHI chunk)")
+    v.add_argument("--no-sarathi", action="store_true", help="prefill a new prompt alone, decodes waiting")
+    v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
+    v.add_argument("--dtype", choices=DTYPES, default="float32", help="weight storage")
+    v.add_argument("--log-level", default="warning")
+    v.add_argument("--no-cache", action="store_true", help="no converted-weights or compiled-program caches")
+    v.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("strategies", help="list decoding strategies")
     s.set_defaults(func=cmd_strategies)

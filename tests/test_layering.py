@@ -47,6 +47,7 @@ RULES = [  # (importer prefix, forbidden prefixes)
     ("pdx.models", ["pdx.decoding", "pdx.io", "pdx.model", "pdx.train", "pdx.cli"]),
     ("pdx.io", ["pdx.decoding", "pdx.model", "pdx.train", "pdx.cli"]),
     ("pdx.decoding", ["pdx.model", "pdx.io", "pdx.train", "pdx.cli", *sorted(FAMILIES)]),
+    ("pdx.serve", ["pdx.train", "pdx.cli", "pdx.io", *sorted(FAMILIES)]),  # models through the protocol
 ]
 
 

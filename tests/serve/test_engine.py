@@ -1,0 +1,109 @@
+"""The serving engine: greedy tokens equal `ar.generate`'s for each prompt alone, whatever runs beside
+it (SARATHI on and off); per-request sampling is reproducible; stops, cancellation, the bounded queue and
+bad requests."""
+
+import numpy as np
+import pytest
+
+from pdx.decoding import ar, compiled
+from pdx.errors import InvalidInputError, UnsupportedError
+from pdx.model import Model
+from pdx.serve import engine as eng
+from tests.decoding.test_conformance import _mamba2
+from tests.decoding.test_speculative import tiny
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), [9, 10, 11, 12, 13, 14, 15, 16, 17], [3, 4] * 11, [8] * 19, [1, 2]]
+NEW = [12, 7, 20, 5, 16, 9]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny(layers=2)
+
+
+def _request(prompt, max_tokens, log, **knobs):
+    def emit(text, tok, finish):
+        log.append(("token", tok) if finish is None else ("finish", finish))
+
+    return eng.Request(prompt=list(prompt), max_tokens=max_tokens, emit=emit, **knobs)
+
+
+def _drain(engine, limit=500):
+    for _ in range(limit):
+        if not engine.step():
+            return
+    raise AssertionError("the engine did not finish")
+
+
+@pytest.mark.parametrize("sarathi", [True, False])
+def test_greedy_equals_ar_generate_alone_while_others_run(model, sarathi):
+    engine = eng.Engine(model, max_batch=4, max_len=96, chunk=8, sarathi=sarathi)
+    before = compiled.compile_count(eng.serve_step)
+    logs = [[] for _ in PROMPTS]
+    reqs = [_request(p, n, log) for p, n, log in zip(PROMPTS, NEW, logs)]
+    for r in reqs[:4]:
+        engine.submit(r)
+    engine.step()
+    engine.step()
+    for r in reqs[4:]:  # arrive while the first ones decode
+        engine.submit(r)
+    _drain(engine)
+    for prompt, n, r, log in zip(PROMPTS, NEW, reqs, logs):
+        ref = ar.generate(model, [prompt], max_new_tokens=n, stop_token_ids=[])
+        assert r.tokens == ref.row(0)
+        assert log[-1] == ("finish", eng.FINISH_LENGTH) and [t for k, t in log if k == "token"] == r.tokens[:-1]
+    assert compiled.compile_count(eng.serve_step) - before <= 1  # one program for every mix of requests
+
+
+def test_sampling_is_per_request_reproducible(model):
+    engine = eng.Engine(model, max_batch=4, max_len=64, chunk=8)
+    runs = []
+    for company in ([], [[3, 4, 5] * 3, [7, 7]]):  # alone, then with other requests beside it
+        r = _request([5, 6, 7, 8], 16, [], temperature=1.0, top_p=0.9, seed=7)
+        for p in company:
+            engine.submit(_request(p, 10, [], temperature=0.8, seed=1))
+        engine.submit(r)
+        _drain(engine)
+        runs.append(r.tokens)
+    other = _request([5, 6, 7, 8], 16, [], temperature=1.0, top_p=0.9, seed=8)
+    engine.submit(other)
+    _drain(engine)
+    assert runs[0] == runs[1] and other.tokens != runs[0] and len(set(runs[0])) > 3
+
+
+def test_stop_ids_cancel_and_queue(model):
+    engine = eng.Engine(model, max_batch=2, max_len=64, chunk=8, queue_size=2)
+    ref = ar.generate(model, [[5, 6, 7]], max_new_tokens=8, stop_token_ids=[]).row(0)
+    log = []
+    r = _request([5, 6, 7], 8, log, stop_ids=frozenset({ref[3]}))
+    engine.submit(r)
+    _drain(engine)
+    assert r.tokens == ref[:ref.index(ref[3])] and log[-1] == ("finish", eng.FINISH_STOP)
+    a, b, c = (_request([5, 6, 7], 30, []) for _ in range(3))
+    engine.submit(a)
+    engine.submit(b)
+    with pytest.raises(eng.QueueFull):
+        engine.submit(c)
+    engine.step()
+    assert engine.load() == (0, 2)
+    a.cancel()
+    engine.step()
+    assert engine.load() == (0, 1) and engine.slots.count(None) == 1  # a's slot is free for the next request
+
+
+def test_bad_requests_and_models(model):
+    engine = eng.Engine(model, max_batch=2, max_len=32, chunk=8)
+    for req, match in [(_request([5] * 30, 5, []), "exceeds the server's context of 32"),
+                       (_request([500], 5, []), "out of range"), (_request([], 5, []), "empty"),
+                       (_request([5], 0, []), "max_tokens must be an int >= 1"),
+                       (_request([5], 4, [], top_p=0.0), "top_p")]:
+        with pytest.raises(InvalidInputError, match=match):
+            engine.submit(req)
+    with pytest.raises(InvalidInputError, match="max_len 32768 exceeds"):
+        eng.Engine(model, max_len=4096 * 8)
+    with pytest.raises(InvalidInputError, match="chunk must be"):
+        eng.Engine(model, chunk=0)
+    cfg, params, family = _mamba2()
+    with pytest.raises(UnsupportedError, match="serving.*does not run on Mamba-2"):
+        eng.Engine(Model(cfg=cfg, params=params, tokenizer=None, family=family))
+    assert np.all(np.asarray(engine.cache.lengths) == 0)
