@@ -6,11 +6,12 @@ Design:
   and its position p lives in slot row r at column p. Per-slot rather than paged: a static shape per
   (B, S), no block tables, and the CPU cached-attention kernel reads each row's live slots only, so an
   idle tail costs memory, not time.
-- **One compiled step** per (B, S, chunk): every step is a single packed forward (`cache_rows`) over
-  W = chunk + B token columns: one decode token of every running request, then up to `chunk` prompt
-  tokens of the request being prefilled (SARATHI's decode-maximal batch: the prefill piggybacks on
-  the decodes, so no decode stalls behind a long prompt). With `sarathi=False` a pending prompt is
-  prefilled first, in chunks that carry no decodes (decodes wait: the baseline SARATHI fixes).
+- **Two compiled step programs** per (B, S, chunk): while a prompt is pending, a single packed forward
+  (`cache_rows`) over W = chunk + B token columns: one decode token of every running request, then up to
+  `chunk` prompt tokens of the request being prefilled (SARATHI's decode-maximal batch: the prefill
+  piggybacks on the decodes, so no decode stalls behind a long prompt); otherwise the AR engine's
+  batched one-token decode step over the B slots. With `sarathi=False` a pending prompt is prefilled
+  first, in chunks that carry no decodes (decodes wait: the baseline SARATHI fixes).
 - **Per-request knobs, traced**: temperature, top-k, top-p and the seed are `[B]` arrays of the step;
   a request's k-th token is drawn with `fold_in(PRNGKey(seed), k)`, so its sampled output does not
   depend on what else runs beside it. Stop tokens, stop strings and max_tokens are checked on the host
@@ -92,14 +93,29 @@ def choose_rows(logits, temperature, top_k, top_p, keys):
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("cache",))
-def serve_step(params, cache, tokens, positions, rows, temperature, top_k, top_p, seeds, counters, *, family, cfg):
-    """One packed forward: tokens/positions/rows `[1, W]` (row -1: padding); knobs `[B]`. Returns the
-    cache and the token after each slot's last token in the pack `[B]` (meaningless for a slot without
-    tokens this step or whose prompt is not finished)."""
-    logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=rows >= 0, cache_rows=rows,
-                                   logits="last")  # [B, 1, V]
+def serve_step(params, cache, reset, tokens, positions, rows, temperature, top_k, top_p, seeds, counters, *, family,
+               cfg):
+    """One step: returns the cache and the token after each slot's last token this step `[B]` (meaningless
+    for a slot without tokens or whose prompt is not finished). reset `[B]`: slots given to a new request
+    since the last step, emptied first (a packed write only raises a row's length). Knobs, seeds,
+    counters: `[B]`.
+
+    Decode only: tokens/positions/rows `[B, 1]`, row b the newest token of slot b (rows[b] = -1: idle),
+    the AR engine's batched decode step. Mixed: `[1, W]`, packed tokens of several slots (row -1:
+    padding), one forward over the decodes and a prompt chunk (`cache_rows`)."""
+    cache = dataclasses.replace(cache, lengths=jnp.where(reset, 0, cache.lengths))
+    if tokens.shape[0] == 1 and tokens.shape[1] > 1:  # packed
+        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=rows >= 0, cache_rows=rows,
+                                       logits="last")  # [B, 1, V]
+    else:
+        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=rows >= 0)  # [B, 1, V]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
     return cache, choose_rows(logits[:, 0], temperature, top_k, top_p, keys)
+
+
+def _newest(r: Request) -> tuple[int, int]:
+    """(token, position) of a decoding request's newest token, the one its next step feeds."""
+    return r.tokens[-1], len(r.prompt) + len(r.tokens) - 1
 
 
 class Engine:
@@ -121,6 +137,7 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.steps = 0
+        self.fresh = np.zeros((max_batch,), bool)  # slots given to a new request since the last step
         self.observers: list[Callable[[str, Request, float], None]] = []  # metrics hooks: (event, request, value)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -170,29 +187,35 @@ class Engine:
                 r = self.pending.popleft()
                 r.slot = self.slots.index(None)
                 self.slots[r.slot] = r
+                self.fresh[r.slot] = True
 
     def _pack(self):
-        """The next step's columns: (tokens, positions, rows) `[1, W]` and the slots expecting a token."""
-        w = self.chunk + self.max_batch
-        tokens, positions, rows = np.zeros((1, w), np.int32), np.zeros((1, w), np.int32), np.full((1, w), -1, np.int32)
+        """The next step's columns (tokens, positions, rows) and the requests expecting a token: `[B, 1]`
+        (slot b's newest token in row b) when no prompt is pending, else `[1, chunk + B]` packed: the
+        decode tokens, then one prompt chunk."""
         prefilling = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
         if prefilling and not self.sarathi:
             decoding = []  # the baseline: a pending prompt goes first, alone
-        col = 0
-        for r in decoding:  # the newest token of each running request
-            tokens[0, col], positions[0, col], rows[0, col] = r.tokens[-1], len(r.prompt) + len(r.tokens) - 1, r.slot
-            col += 1
-        expecting = list(decoding)
-        if prefilling:  # one prompt chunk, the earliest admitted first
-            r = min(prefilling, key=lambda r: r.arrived)
-            n = min(self.chunk, len(r.prompt) - r.prefilled, w - col)
-            tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]
-            positions[0, col:col + n] = np.arange(r.prefilled, r.prefilled + n)
-            rows[0, col:col + n] = r.slot
-            r.prefilled += n
-            if r.prefilled == len(r.prompt):
-                expecting.append(r)
+        if not prefilling:
+            tokens, positions, rows = (np.zeros((self.max_batch, 1), np.int32) for _ in range(3))
+            rows[:] = -1
+            for r in decoding:
+                tokens[r.slot], positions[r.slot], rows[r.slot] = *_newest(r), r.slot
+            return tokens, positions, rows, decoding
+        w = self.chunk + self.max_batch
+        tokens, positions, rows = np.zeros((1, w), np.int32), np.zeros((1, w), np.int32), np.full((1, w), -1, np.int32)
+        for col, r in enumerate(decoding):  # the newest token of each running request
+            tokens[0, col], positions[0, col], rows[0, col] = *_newest(r), r.slot
+        col, expecting = len(decoding), list(decoding)
+        r = min(prefilling, key=lambda r: r.arrived)  # one prompt chunk, the earliest arrival first
+        n = min(self.chunk, len(r.prompt) - r.prefilled)
+        tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]
+        positions[0, col:col + n] = np.arange(r.prefilled, r.prefilled + n)
+        rows[0, col:col + n] = r.slot
+        r.prefilled += n
+        if r.prefilled == len(r.prompt):
+            expecting.append(r)
         return tokens, positions, rows, expecting
 
     def _knobs(self):
@@ -209,8 +232,9 @@ class Engine:
             return False
         tokens, positions, rows, expecting = self._pack()
         m = self.model
-        self.cache, nxt = serve_step(m.params, self.cache, tokens, positions, rows, *self._knobs(), family=m.family,
-                                     cfg=m.cfg)
+        self.cache, nxt = serve_step(m.params, self.cache, self.fresh, tokens, positions, rows, *self._knobs(),
+                                     family=m.family, cfg=m.cfg)
+        self.fresh = np.zeros_like(self.fresh)
         nxt = np.asarray(nxt)
         self.steps += 1
         now = time.monotonic()
