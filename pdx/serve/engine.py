@@ -8,7 +8,7 @@ Design:
   idle tail costs memory, not time.
 - **Two compiled step programs** per (B, S, chunk): while a prompt is pending, a single packed forward
   (`cache_rows`) over W = chunk + B token columns: one decode token of every running request, then up to
-  `chunk` prompt tokens of the request being prefilled (SARATHI's decode-maximal batch: the prefill
+  `chunk` prompt tokens of the requests being prefilled (SARATHI's decode-maximal batch: the prefill
   piggybacks on the decodes, so no decode stalls behind a long prompt); otherwise the AR engine's
   batched one-token decode step over the B slots. With `sarathi=False` a pending prompt is prefilled
   first, in chunks that carry no decodes (decodes wait: the baseline SARATHI fixes).
@@ -192,7 +192,8 @@ class Engine:
     def _pack(self):
         """The next step's columns (tokens, positions, rows) and the requests expecting a token: `[B, 1]`
         (slot b's newest token in row b) when no prompt is pending, else `[1, chunk + B]` packed: the
-        decode tokens, then one prompt chunk."""
+        decode tokens, then up to `chunk` prompt tokens (a short prompt behind a long one's last chunk rides
+        along)."""
         prefilling = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
         if prefilling and not self.sarathi:
@@ -208,14 +209,16 @@ class Engine:
         for col, r in enumerate(decoding):  # the newest token of each running request
             tokens[0, col], positions[0, col], rows[0, col] = *_newest(r), r.slot
         col, expecting = len(decoding), list(decoding)
-        r = min(prefilling, key=lambda r: r.arrived)  # one prompt chunk, the earliest arrival first
-        n = min(self.chunk, len(r.prompt) - r.prefilled)
-        tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]
-        positions[0, col:col + n] = np.arange(r.prefilled, r.prefilled + n)
-        rows[0, col:col + n] = r.slot
-        r.prefilled += n
-        if r.prefilled == len(r.prompt):
-            expecting.append(r)
+        for r in sorted(prefilling, key=lambda r: r.arrived):  # prompt chunks, earliest arrival first, up to
+            n = min(len(r.prompt) - r.prefilled, self.chunk - (col - len(decoding)))  # `chunk` tokens in all
+            if n <= 0:
+                break
+            tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]
+            positions[0, col:col + n] = np.arange(r.prefilled, r.prefilled + n)
+            rows[0, col:col + n] = r.slot
+            col, r.prefilled = col + n, r.prefilled + n
+            if r.prefilled == len(r.prompt):
+                expecting.append(r)
         return tokens, positions, rows, expecting
 
     def _knobs(self):

@@ -107,3 +107,19 @@ def test_bad_requests_and_models(model):
     with pytest.raises(UnsupportedError, match="serving.*does not run on Mamba-2"):
         eng.Engine(Model(cfg=cfg, params=params, tokenizer=None, family=family))
     assert np.all(np.asarray(engine.cache.lengths) == 0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_batch_invariant(smollm2, humaneval):
+    """16 HumanEval prompts of different lengths through 16 slots (prompts packed in 64-token chunks beside
+    the running decodes): each request's tokens equal `ar.generate` on its prompt alone."""
+    prompts = [smollm2.tokenizer.encode(humaneval[f"HumanEval/{i}"]["prompt"]) for i in range(16)]
+    engine = eng.Engine(smollm2, max_batch=16, max_len=1024, chunk=64)
+    stops = frozenset(smollm2.cfg.eos_token_ids)
+    reqs = [_request(p, 24 + 4 * (i % 3), [], stop_ids=stops) for i, p in enumerate(prompts)]
+    for r in reqs:
+        engine.submit(r)
+    _drain(engine, limit=2000)
+    for p, r in zip(prompts, reqs):
+        ref = ar.generate(smollm2, [p], max_new_tokens=r.max_tokens).row(0)
+        assert r.tokens == [t for t in ref if t not in stops]
