@@ -42,7 +42,10 @@ class _Body(BaseModel):
     seed: int | None = None
     n: Literal[1] = 1
     stream: bool = False
+    stream_options: dict | None = None  # the last chunk always carries usage
     user: str | None = None
+    presence_penalty: Literal[0] = 0  # accepted at their neutral value only (clients send the defaults)
+    frequency_penalty: Literal[0] = 0
 
 
 class CompletionBody(_Body):
@@ -59,6 +62,7 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -103,7 +107,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise PdxError(f"stop takes at most {MAX_STOPS} non-empty strings")
-        return EngineRequest(prompt=prompt, max_tokens=body.max_tokens or engine.max_len - len(prompt),
+        limit = body.max_tokens or getattr(body, "max_completion_tokens", None)
+        return EngineRequest(prompt=prompt, max_tokens=limit or max(1, engine.max_len - len(prompt)),
                              emit=feed, temperature=body.temperature, top_p=body.top_p,
                              seed=body.seed if body.seed is not None else int(uuid.uuid4().int % (1 << 31)),
                              stop_ids=frozenset(engine.model.cfg.eos_token_ids), stop_strings=tuple(stops))

@@ -130,11 +130,15 @@ def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError, match="n"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=2)
     for body in ('{"prompt": "x", "bogus": 1}', "{not json", '{"prompt": "x", "max_tokens": 0}',
-                 '{"prompt": "x", "temperature": -1}'):
+                 '{"prompt": "x", "temperature": -1}', '{"prompt": "x", "presence_penalty": 0.5}'):
         status, text = _http(server, "POST", "/v1/completions", body)
         assert status == 400 and json.loads(text)["error"]["type"] == "invalid_request_error", (body, text)
     status, text = _http(server, "POST", "/v1/chat/completions", '{"messages": [{"role": "robot", "content": "x"}]}')
     assert status == 400 and "messages" in json.loads(text)["error"]["message"]
+    status, text = _http(server, "POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 3, "presence_penalty": 0,
+         "frequency_penalty": 0, "stream_options": {"include_usage": True}}))
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] <= 3
 
 
 def test_overload_is_429_and_a_dropped_stream_frees_its_slot(client, server):
