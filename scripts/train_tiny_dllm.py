@@ -21,12 +21,15 @@ over runs of consecutive letters (`tasks._choice`), 3 x 64 at 1e-3 reaches 69% o
 1500 steps (its misses: a listed run one slot off) and 100% in 4000. About 0.11 s per step at batch 32
 on this CPU when idle.
 
-The long tasks (`fill-256`, `agree-256/512`: 256- and 512-column canvases) train the same small
+The long tasks (`fill-256/512`, `agree-256/512`: 256- and 512-column canvases) train the same small
 models with positions up to 1024, in 32-token blocks, at a smaller batch (see RUNS for each run's
 settings; their wall times, steps and final losses are written to bench/tiny_dllm_train.json).
 Fill-256 learns to 0 wrong tokens in 2400 steps bidirectionally (19 min); block diffusion scoring one
 32-token block per example, an eighth of the answer, left its model at 4% wrong tokens (14% of dittos)
 after the same 2400 steps, so its block-causal run scores every block per pass (`all_blocks`, BD3-LM).
+Fill-512 (2.4 s per step) runs in phases (`Run.more`: the weights go on under a new schedule), and its
+block-diffusion model starts from the bidirectional one (`Run.init`), which decodes fill-512 block by
+block with one wrong token per answer before any block-causal training.
 Every run keeps its training state under --state and resumes from it (a state saved under another
 recipe is refused); --minutes bounds one invocation, so a long schedule runs in pieces (rerun the same
 command to go on).
@@ -42,6 +45,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 from pdx.errors import InvalidInputError
 from pdx.files import atomic_write
@@ -70,6 +75,12 @@ class Run:
     stratified: bool = False
     count_masking: bool = False
     all_blocks: bool = False  # block diffusion: every block scored in one pass (BD3-LM)
+    init: tuple[str, str] | None = None  # (attention, task) of a shipped model to start from, not random weights
+    more: tuple[tuple[int, float], ...] = ()  # further phases (steps, lr): the weights go on, the optimizer restarts
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + sum(steps for steps, _ in self.more)
 
 
 _HARD = dict(stratified=True, count_masking=True)
@@ -90,38 +101,56 @@ RUNS = {
        if (attention, name) != ("block_causal", "fill-256")},
     # one block scored per example left 4% wrong tokens after 2400 steps; every block per pass:
     ("block_causal", "fill-256"): Run(2400, LONG, lr=1e-3, batch=8, block=32, all_blocks=True, **_HARD),
-    # started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps
-    **{(attention, "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, all_blocks=attention == "block_causal",
-                                    **_HARD) for attention in ("bidirectional", "block_causal")},
+    # Started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps;
+    # from scratch, 1500 steps left every held-out answer right but for its EOS (a letter in the canvas's last
+    # column), which a second phase at a lower learning rate is for.
+    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, more=((600, 3e-4),), **_HARD),
+    ("block_causal", "fill-512"): Run(600, LONG, lr=3e-4, batch=8, block=32, all_blocks=True,
+                                      init=("bidirectional", "fill-512"), **_HARD),
 }
 
 
-# Runs whose resumable schedule is still going (their state under --state, not yet a shipped checkpoint):
-# block diffusion's fill-512 scores the 1024-column canvas plus a noisy copy of the answer (1536 columns)
-# per example, about 2.5x a bidirectional step, so its 1500 steps take more than one piece.
-UNFINISHED = {("block_causal", "fill-512")}
+# Runs not finished yet (their state under --state, no shipped checkpoint). Bidirectional fill-512: after
+# both phases (2100 steps, 88 min) every held-out answer is right but for its final EOS, a letter in the
+# canvas's last column, so it is not shipped; block diffusion's fill-512 starts from that model.
+UNFINISHED = {("bidirectional", "fill-512"), ("block_causal", "fill-512")}
 
 
 def train_one(attention: str, name: str, run: Run, out: str, state: str, time_limit_s: float | None) -> dict | None:
-    """Train (or resume) one run; when it finishes, save its checkpoint and losses and return its record
-    (None: the time limit stopped it first; its state waits under `state`)."""
+    """Train (or resume) one run, phase by phase; when it finishes, save its checkpoint and losses and return
+    its record (None: the time limit stopped it first; its state waits under `state`)."""
     task = tasks.get(name)
-    tc = diffusion.TrainConfig(steps=run.steps, batch=run.batch, lr=run.lr, warmup=50, attention=attention,
-                               block_size=run.block, stratified_t=run.stratified, count_masking=run.count_masking,
-                               all_blocks=run.all_blocks)
-    resume = os.path.join(state, attention, name)
-    params, losses = diffusion.train(run.cfg, tc, lambda rng, n, _g: tasks.sample(rng, n, (name,)), task.prompt_len,
-                                     task.gen_len, tasks.EOS, tasks.PAD, checkpoint_dir=resume,
-                                     time_limit_s=time_limit_s)
-    done = loop.read_progress(resume)
-    if len(losses) < run.steps:
-        print(f"{attention}:{name} stopped at step {done['step']} of {run.steps} ({done['elapsed_s']:.0f} s so far): "
-              "rerun to resume", flush=True)
-        return None
+    params = None
+    if run.init is not None:
+        params, cfg, _ = checkpoint.load(os.path.join(out, *run.init))
+        if cfg != run.cfg:
+            raise InvalidInputError(f"{attention}:{name} starts from {':'.join(run.init)}, whose model config differs")
+    t0, losses, train_s, configs = time.monotonic(), [], 0.0, []
+    for i, (steps, lr) in enumerate([(run.steps, run.lr), *run.more]):
+        tc = diffusion.TrainConfig(steps=steps, batch=run.batch, lr=lr, warmup=50, attention=attention,
+                                   block_size=run.block, stratified_t=run.stratified, count_masking=run.count_masking,
+                                   all_blocks=run.all_blocks)
+        resume = os.path.join(state, attention, name + (f".phase{i}" if i else ""))
+        left = None if time_limit_s is None else time_limit_s - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            print(f"{attention}:{name} out of time before phase {i}: rerun to resume", flush=True)
+            return None
+        params, phase_losses = diffusion.train(run.cfg, tc, lambda rng, n, _g: tasks.sample(rng, n, (name,)),
+                                               task.prompt_len, task.gen_len, tasks.EOS, tasks.PAD, params=params,
+                                               checkpoint_dir=resume, time_limit_s=left)
+        done = loop.read_progress(resume)
+        if len(phase_losses) < steps:
+            print(f"{attention}:{name} phase {i} stopped at step {done['step']} of {steps} ({done['elapsed_s']:.0f} s "
+                  "so far): rerun to resume", flush=True)
+            return None
+        losses += [float(x) for x in phase_losses]
+        train_s += done["elapsed_s"]
+        configs.append(dataclasses.asdict(tc))
     meta = dict(attention=attention, block_size=run.block, task=name, prompt_len=task.prompt_len, gen_len=task.gen_len,
-                train=dataclasses.asdict(tc), train_s=done["elapsed_s"], final_loss=float(losses[-50:].mean()))
+                train=configs[0], **({"phases": configs[1:]} if run.more else {}), init=run.init, train_s=train_s,
+                final_loss=float(np.mean(losses[-50:])))
     checkpoint.save(os.path.join(out, attention, name), params, run.cfg, meta)
-    atomic_write(os.path.join(out, attention, f"{name}_losses.json"), json.dumps([round(float(x), 4) for x in losses]))
+    atomic_write(os.path.join(out, attention, f"{name}_losses.json"), json.dumps([round(x, 4) for x in losses]))
     print(json.dumps(meta), flush=True)
     return meta
 
@@ -152,7 +181,7 @@ def main(argv=None) -> int:
         meta = train_one(attention, name, RUNS[attention, name], args.out, args.state, left)
         if meta is None:
             break
-        loop.record_run(args.record, f"{attention}:{name}", meta["train_s"], RUNS[attention, name].steps,
+        loop.record_run(args.record, f"{attention}:{name}", meta["train_s"], RUNS[attention, name].total_steps,
                         meta["final_loss"])
     if args.plot:
         curves = {}

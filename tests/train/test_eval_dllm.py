@@ -114,5 +114,5 @@ def test_long_workload_and_ar_baseline_end_to_end(tmp_path):
 
 
 def test_an_unknown_task_is_refused_before_any_model_loads(capsys):
-    assert cli.main(["eval", "dllm", "--tasks", "copy,fill-512"]) == 2
-    assert "unknown task 'fill-512'" in capsys.readouterr().err
+    assert cli.main(["eval", "dllm", "--tasks", "copy,fill-1024"]) == 2
+    assert "unknown task 'fill-1024'" in capsys.readouterr().err

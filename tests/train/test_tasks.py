@@ -11,11 +11,12 @@ import pytest
 
 from pdx.decoding import ar
 from pdx.errors import InvalidInputError
+from pdx.io import orbax_checkpoint as checkpoint
 from pdx.models import transformer as tf
 from pdx.train import autoregressive, diffusion, loop, tasks
 
 
-@pytest.mark.parametrize("length", tasks.FILL_LENGTHS)
+@pytest.mark.parametrize("length", [n for kind, n in tasks.LONG_SIZES if kind == "fill"])
 def test_fill_replaces_each_ditto_by_the_letter_before(length):
     task = tasks.get(f"fill-{length}")
     rng = np.random.default_rng(0)
@@ -34,7 +35,7 @@ def test_fill_replaces_each_ditto_by_the_letter_before(length):
     assert abs(dittos / (20 * (length - 2)) - tasks.DITTO_RATE) < 0.03
 
 
-@pytest.mark.parametrize("length", tasks.AGREE_LENGTHS)
+@pytest.mark.parametrize("length", [n for kind, n in tasks.LONG_SIZES if kind == "agree"])
 def test_agree_accepts_any_listed_letter_in_every_column_and_nothing_mixed(length):
     task = tasks.get(f"agree-{length}")
     prompt, answer = task.make(np.random.default_rng(1))
@@ -75,7 +76,7 @@ def test_long_tasks_fit_their_canvas_and_held_out_is_fixed():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: tasks.get("nope"), "unknown task 'nope'"),
-    (lambda: tasks.sample(np.random.default_rng(0), 2, ("copy", "fill-512")), "unknown task 'fill-512'"),
+    (lambda: tasks.sample(np.random.default_rng(0), 2, ("copy", "fill-1024")), "unknown task 'fill-1024'"),
     (lambda: tasks.held_out("agree-100", 2), "unknown task"),
     (lambda: tasks.solved("bogus", [1], [1]), "unknown task"),
     (lambda: tasks.check_canvas(("copy", "fill-256"), 32, 256), "needs 256 prompt and 256 generated columns"),
@@ -167,3 +168,27 @@ def test_run_record_adds_and_replaces_runs(tmp_path):
     with open(path) as f:
         assert json.load(f) == {"a": dict(train_s=3.0, steps=30, final_loss=0.125),
                                 "b": dict(train_s=2.0, steps=20, final_loss=0.5)}
+
+
+@pytest.mark.slow  # 16 s: the default suite is near its 15-minute budget
+def test_tiny_dllm_runs_go_on_in_phases_and_start_from_a_shipped_model(tmp_path):
+    from scripts import train_tiny_dllm as script
+
+    out, state = str(tmp_path / "out"), str(tmp_path / "state")
+    run = script.Run(3, batch=2, more=((2, 1e-4),))
+    meta = script.train_one("bidirectional", "copy", run, out, state, None)
+    assert run.total_steps == 5 and [p["steps"] for p in meta["phases"]] == [2] and meta["train"]["steps"] == 3
+    with open(f"{out}/bidirectional/copy_losses.json") as f:
+        assert len(json.load(f)) == 5
+    assert loop.read_progress(f"{state}/bidirectional/copy.phase1")["step"] == 2
+    again = script.train_one("bidirectional", "copy", run, out, state, None)  # both phases done: nothing trains
+    assert again["train_s"] == meta["train_s"]
+    shipped, _, _ = checkpoint.load(f"{out}/bidirectional/copy")
+    follow = script.Run(1, batch=2, lr=1e-12, init=("bidirectional", "copy"))
+    script.train_one("block_causal", "copy", follow, out, state, None)
+    after, _, _ = checkpoint.load(f"{out}/block_causal/copy")
+    for a, b in zip(jax.tree.leaves(shipped), jax.tree.leaves(after)):
+        np.testing.assert_allclose(a, b, atol=1e-6)  # it started from the shipped weights (lr ~ 0)
+    with pytest.raises(InvalidInputError, match="model config differs"):
+        script.train_one("block_causal", "copy", script.Run(1, script.WIDE, init=("bidirectional", "copy")), out,
+                         state, None)
