@@ -103,16 +103,17 @@ RUNS = {
     ("block_causal", "fill-256"): Run(2400, LONG, lr=1e-3, batch=8, block=32, all_blocks=True, **_HARD),
     # Started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps;
     # from scratch, 1500 steps left every held-out answer right but for its EOS (a letter in the canvas's last
-    # column), which a second phase at a lower learning rate is for.
-    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, more=((600, 3e-4),), **_HARD),
+    # column), and so did 600 more at 3e-4 (p(EOS) 0.02 there): a third phase goes back to 1e-3.
+    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, more=((600, 3e-4), (1000, 1e-3)),
+                                       **_HARD),
     ("block_causal", "fill-512"): Run(600, LONG, lr=3e-4, batch=8, block=32, all_blocks=True,
                                       init=("bidirectional", "fill-512"), **_HARD),
 }
 
 
 # Runs not finished yet (their state under --state, no shipped checkpoint). Bidirectional fill-512: after
-# both phases (2100 steps, 88 min) every held-out answer is right but for its final EOS, a letter in the
-# canvas's last column, so it is not shipped; block diffusion's fill-512 starts from that model.
+# two phases (2100 steps, 88 min) every held-out answer is right but for its final EOS, a letter in the
+# canvas's last column; its third phase is under way. Block diffusion's fill-512 starts from that model.
 UNFINISHED = {("bidirectional", "fill-512"), ("block_causal", "fill-512")}
 
 
