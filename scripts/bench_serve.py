@@ -124,7 +124,7 @@ def summarize(records: list[dict], wall: float) -> dict:
             "itl_p99_s": pct(itl, 99)}
 
 
-def warm_up(base: str, args, long_prompt: str) -> None:
+def warm_up(base: str, long_prompt: str) -> None:
     """Compile both step programs (a prompt longer than a chunk beside a running decode) before timing."""
     drive(base, [["def warm():"], [long_prompt]], 8)
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                "load_before": os.getloadavg(), "load": {}, "long_prompts": {}}
     for mode, extra in MODES.items():
         with Server(args, extra) as base:
-            warm_up(base, args, long_prompt)
+            warm_up(base, long_prompt)
             results["load"][mode] = {}
             for c in args.concurrency:
                 n = max(args.requests, c)

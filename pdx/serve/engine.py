@@ -69,7 +69,6 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     arrived: float = dataclasses.field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     finish_reason: str | None = None
 
     def cancel(self) -> None:
@@ -136,7 +135,6 @@ class Engine:
         self.pending: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
-        self.steps = 0
         self.fresh = np.zeros((max_batch,), bool)  # slots given to a new request since the last step
         self.observers: list[Callable[[str, Request, float], None]] = []  # metrics hooks: (event, request, value)
 
@@ -239,15 +237,13 @@ class Engine:
                                      family=m.family, cfg=m.cfg)
         self.fresh = np.zeros_like(self.fresh)
         nxt = np.asarray(nxt)
-        self.steps += 1
         now = time.monotonic()
         for r in expecting:
             self._emit(r, int(nxt[r.slot]), now)
         return True
 
     def _emit(self, r: Request, tok: int, now: float) -> None:
-        if r.first_token_at is None:
-            r.first_token_at = now
+        if not r.tokens:  # its first token (a stop token included)
             for f in self.observers:
                 f("first_token", r, now - r.arrived)
         if tok in r.stop_ids:
