@@ -107,7 +107,7 @@ def _exact_joint(model, prompt, temperature, top_k, steps=3):
 
 @pytest.mark.parametrize("kind, knobs", [
     ("draft", dict(temperature=1.0, top_k=0)),
-    ("draft", dict(temperature=1.0, top_k=0, verifier="traversal")),
+    pytest.param("draft", dict(temperature=1.0, top_k=0, verifier="traversal"), marks=pytest.mark.slow),
     pytest.param("pld", dict(temperature=1.0, top_k=0), marks=pytest.mark.slow),
     pytest.param("draft", dict(temperature=0.8, top_k=3), marks=pytest.mark.slow),
 ])

@@ -35,7 +35,7 @@ def _drain(engine, limit=500):
     raise AssertionError("the engine did not finish")
 
 
-@pytest.mark.parametrize("sarathi", [True, False])
+@pytest.mark.parametrize("sarathi", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_greedy_equals_ar_generate_alone_while_others_run(model, sarathi):
     engine = eng.Engine(model, max_batch=4, max_len=96, chunk=8, sarathi=sarathi)
     before = compiled.compile_count(eng.serve_step)

@@ -14,12 +14,13 @@ import threading
 import time
 import urllib.parse
 
+import openai
 import pytest
 
 import pdx
 from pdx.decoding import ar
 
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a server process and ~30 s: the default suite is at its 15-minute budget
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "checkpoints", "transformer_tiny")
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
