@@ -6,11 +6,13 @@ Design:
   and its position p lives in slot row r at column p. Per-slot rather than paged: a static shape per
   (B, S), no block tables, and the CPU cached-attention kernel reads each row's live slots only, so an
   idle tail costs memory, not time.
-- **Two compiled step programs** per (B, S, chunk): while a prompt is pending, a single packed forward
-  (`cache_rows`) over W = chunk + B token columns: one decode token of every running request, then up to
-  `chunk` prompt tokens of the requests being prefilled (SARATHI's decode-maximal batch: the prefill
-  piggybacks on the decodes, so no decode stalls behind a long prompt); otherwise the AR engine's
-  batched one-token decode step over the B slots. With `sarathi=False` a pending prompt is prefilled
+- **A few compiled step programs** per (B, S, chunk): while a prompt is pending, a single packed forward
+  (`cache_rows`) over W = c + B token columns: one decode token of every running request, then up to
+  c prompt tokens of the requests being prefilled (SARATHI's decode-maximal batch: the prefill
+  piggybacks on the decodes, so no decode stalls behind a long prompt), c the smallest of the `widths`
+  (chunk, chunk/2, chunk/4, chunk/8, at least 16) that holds the pending prompt tokens, so a short
+  prompt's step does not pay for a whole chunk (on CPU a step's cost grows with its columns); otherwise
+  the AR engine's batched one-token decode step over the B slots. With `sarathi=False` a pending prompt is prefilled
   first, in chunks that carry no decodes (decodes wait: the baseline SARATHI fixes).
 - **Per-request knobs, traced**: temperature, top-k, top-p and the seed are `[B]` arrays of the step;
   a request's k-th token is drawn with `fold_in(PRNGKey(seed), k)`, so its sampled output does not
@@ -130,6 +132,7 @@ class Engine:
                 f"max_len {max_len} exceeds the model's context of {model.cfg.max_position_embeddings} positions")
         self.model, self.max_batch, self.max_len, self.chunk, self.sarathi = model, max_batch, max_len, chunk, sarathi
         self.queue_size = queue_size
+        self.widths = sorted({max(chunk >> s, min(chunk, 16)) for s in range(4)})  # prompt columns of a mixed step
         self.cache = protocol.new_cache(model.family, model.params, model.cfg, max_batch, max_len, jnp.float32)
         self.slots: list[Request | None] = [None] * max_batch
         self.pending: collections.deque[Request] = collections.deque()
@@ -189,9 +192,9 @@ class Engine:
 
     def _pack(self):
         """The next step's columns (tokens, positions, rows) and the requests expecting a token: `[B, 1]`
-        (slot b's newest token in row b) when no prompt is pending, else `[1, chunk + B]` packed: the
-        decode tokens, then up to `chunk` prompt tokens (a short prompt behind a long one's last chunk rides
-        along)."""
+        (slot b's newest token in row b) when no prompt is pending, else `[1, B + c]` packed: the decode
+        tokens, then up to c prompt tokens (a short prompt behind a long one's last chunk rides along), c the
+        smallest of `widths` holding every pending prompt token (or the chunk)."""
         prefilling = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
         if prefilling and not self.sarathi:
@@ -202,13 +205,15 @@ class Engine:
             for r in decoding:
                 tokens[r.slot], positions[r.slot], rows[r.slot] = *_newest(r), r.slot
             return tokens, positions, rows, decoding
-        w = self.chunk + self.max_batch
+        need = min(sum(len(r.prompt) - r.prefilled for r in prefilling), self.chunk)
+        budget = next(c for c in self.widths if c >= need)
+        w = budget + self.max_batch
         tokens, positions, rows = np.zeros((1, w), np.int32), np.zeros((1, w), np.int32), np.full((1, w), -1, np.int32)
         for col, r in enumerate(decoding):  # the newest token of each running request
             tokens[0, col], positions[0, col], rows[0, col] = *_newest(r), r.slot
         col, expecting = len(decoding), list(decoding)
         for r in sorted(prefilling, key=lambda r: r.arrived):  # prompt chunks, earliest arrival first, up to
-            n = min(len(r.prompt) - r.prefilled, self.chunk - (col - len(decoding)))  # `chunk` tokens in all
+            n = min(len(r.prompt) - r.prefilled, budget - (col - len(decoding)))  # `budget` tokens in all
             if n <= 0:
                 break
             tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]

@@ -5,7 +5,7 @@ bad requests."""
 import numpy as np
 import pytest
 
-from pdx.decoding import ar, compiled
+from pdx.decoding import ar
 from pdx.errors import InvalidInputError, UnsupportedError
 from pdx.model import Model
 from pdx.serve import engine as eng
@@ -38,7 +38,7 @@ def _drain(engine, limit=500):
 @pytest.mark.parametrize("sarathi", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_greedy_equals_ar_generate_alone_while_others_run(model, sarathi):
     engine = eng.Engine(model, max_batch=4, max_len=96, chunk=8, sarathi=sarathi)
-    before = compiled.compile_count(eng.serve_step)
+    before = eng.serve_step._cache_size()
     logs = [[] for _ in PROMPTS]
     reqs = [_request(p, n, log) for p, n, log in zip(PROMPTS, NEW, logs)]
     for r in reqs[:4]:
@@ -52,7 +52,23 @@ def test_greedy_equals_ar_generate_alone_while_others_run(model, sarathi):
         ref = ar.generate(model, [prompt], max_new_tokens=n, stop_token_ids=[])
         assert r.tokens == ref.row(0)
         assert log[-1] == ("finish", eng.FINISH_LENGTH) and [t for k, t in log if k == "token"] == r.tokens[:-1]
-    assert compiled.compile_count(eng.serve_step) - before <= 1  # one program for every mix of requests
+    # one program per mixed-step width and one decode step, for every mix of requests
+    assert eng.serve_step._cache_size() - before <= len(engine.widths) + 1
+
+
+def test_mixed_step_width_fits_the_pending_prompts(model, monkeypatch):
+    engine = eng.Engine(model, max_batch=4, max_len=256, chunk=64)
+    assert engine.widths == [16, 32, 64]
+    widths, step = [], eng.serve_step
+    monkeypatch.setattr(eng, "serve_step", lambda p, c, r, tokens, *a, **k: widths.append(tokens.shape) or
+                        step(p, c, r, tokens, *a, **k))
+    for prompt in ([1, 2, 3], list(range(5, 25)), list(range(100))):  # 3, then 20, then 100 prompt tokens
+        engine.submit(_request(prompt, 2, []))
+        engine.step()
+    # a mixed step [1, B + c] takes the smallest c holding the pending prompt (the chunk at most)
+    assert widths == [(1, 4 + 16), (1, 4 + 32), (1, 4 + 64)]
+    _drain(engine)  # the 100-token prompt's last 36 tokens ride a 64-wide step, then decode-only steps [B, 1]
+    assert widths[3:] == [(1, 4 + 64)] + [(4, 1)] * (len(widths) - 4)
 
 
 def test_sampling_is_per_request_reproducible(model):
