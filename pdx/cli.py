@@ -134,6 +134,7 @@ def cmd_serve(args) -> None:
     model = load_model(args.model, dtype=args.dtype)
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
                     sarathi=not args.no_sarathi, queue_size=args.queue_size)
+    engine.compile_all()  # before the port opens: no request waits on a compile
     name = args.model_name or os.path.basename(str(model.source) or "pdx").removesuffix(".gguf") or "pdx"
     # SIGTERM / SIGINT: stop accepting, let streams in flight finish (30 s at most), then stop the engine
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,

@@ -141,6 +141,16 @@ class Engine:
         self.fresh = np.zeros((max_batch,), bool)  # slots given to a new request since the last step
         self.observers: list[Callable[[str, Request, float], None]] = []  # metrics hooks: (event, request, value)
 
+    def compile_all(self) -> None:
+        """Compile every step program now (the decode step and one mixed step per width), so no request
+        waits on a compile: each runs once over padding only, which writes nothing and moves no length."""
+        m = self.model
+        for shape in [(self.max_batch, 1)] + [(1, c + self.max_batch) for c in self.widths]:
+            zeros, idle = np.zeros(shape, np.int32), np.full(shape, -1, np.int32)
+            self.cache, _ = serve_step(m.params, self.cache, np.zeros_like(self.fresh), zeros, zeros, idle,
+                                       *self._knobs(), family=m.family, cfg=m.cfg)
+        jax.block_until_ready(self.cache)
+
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
         """`InvalidInputError` (answer 400) for a request that can never run here."""

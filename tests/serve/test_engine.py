@@ -71,6 +71,20 @@ def test_mixed_step_width_fits_the_pending_prompts(model, monkeypatch):
     assert widths[3:] == [(1, 4 + 64)] + [(4, 1)] * (len(widths) - 4)
 
 
+def test_compile_all_leaves_nothing_to_compile(model):
+    engine = eng.Engine(model, max_batch=3, max_len=128, chunk=32)
+    engine.compile_all()
+    assert np.asarray(engine.cache.lengths).tolist() == [0, 0, 0]  # padding only: nothing written
+    compiled_before = eng.serve_step._cache_size()
+    reqs = [_request(p, n, []) for p, n in zip(PROMPTS[:3], NEW)]
+    for r in reqs:
+        engine.submit(r)
+    _drain(engine)
+    assert eng.serve_step._cache_size() == compiled_before
+    for p, n, r in zip(PROMPTS, NEW, reqs):
+        assert r.tokens == ar.generate(model, [p], max_new_tokens=n, stop_token_ids=[]).row(0)
+
+
 def test_sampling_is_per_request_reproducible(model):
     engine = eng.Engine(model, max_batch=4, max_len=64, chunk=8)
     runs = []
