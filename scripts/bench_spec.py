@@ -6,18 +6,22 @@ Timings exclude compilation (one untimed warm-up batch, compile time reported by
 Writes bench/spec.{json,md}.
 Usage: python scripts/bench_spec.py [--prompts 40] [--max-new-tokens 256] [--batch 1 4] [--only NAME ...]
        [--draft PATH]   (spec-draft needs a second model sharing SmolLM2's vocabulary; skipped without one)
+       [--heads PATH]   (spec-medusa: Medusa heads, default the shipped ones; skipped when none ship)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
+import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from pdx import benchutil
 from pdx.decoding import ar
-from pdx.decoding.speculative import drafters, engine, ngram
+from pdx.decoding.speculative import drafters, engine, medusa, ngram
 from pdx.model import load_model
 
 
@@ -43,9 +47,26 @@ def strategies(model, args) -> dict:
         draft = drafters.draft_model(model, load_model(args.draft), 3)
         out["spec-draft k=3"] = (draft, False)
         out["spec-tree (3,2,1,1) draft"] = (drafters.tree_draft(draft, (3, 2, 1, 1)), False)
+    if args.heads or os.path.isdir(medusa.DEFAULT_HEADS):
+        heads = medusa.load(model, args.heads)
+        out[f"spec-medusa {heads.tree.size}-node tree"] = (heads, False)
     if args.only:
         out = {k: v for k, v in out.items() if any(o in k for o in args.only)}
     return out
+
+
+def draft_seconds(model, drafter: medusa.Medusa, batch: int, repeats: int = 50) -> float:
+    """Seconds per pass of the Medusa heads' own work (every head's logits over the subset, top-k, the
+    tree's tokens) at `batch` rows: the draft cost a verify pass carries."""
+    arrays = drafter.arrays(model)
+    state = medusa.HeadState(hidden=jnp.ones((batch, arrays["out_rows"].shape[1]), jnp.float32),
+                             ready=jnp.ones((batch,), bool))
+    propose = jax.jit(lambda a, s: drafter.propose(a, s, None, None, None, None)[0])
+    jax.block_until_ready(propose(arrays, state))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(propose(arrays, state))
+    return (time.perf_counter() - t0) / repeats
 
 
 def run(fn, batches):
@@ -86,6 +107,9 @@ def bench_batch(model, prompts, batch, args, strats) -> dict:
             "tokens_per_pass": (tokens - len(rows)) / max(row_passes, 1),
             "acceptance_by_position": [a / p if p else 0.0 for a, p in zip(acc, prop)],
             "target_passes": sum(s["target_passes"] for s in stats), "wall_s": time.perf_counter() - t0}
+        if isinstance(drafter, medusa.Medusa):
+            results[name]["draft_ms_per_pass"] = 1e3 * draft_seconds(model, drafter, batch)
+            results[name]["pass_ms"] = 1e3 * secs / max(sum(s["target_passes"] for s in stats), 1)
         print(f"bs{batch} {name}: {results[name]['speedup']:.2f}x, {results[name]['tokens_per_pass']:.2f} tok/pass, "
               f"identical={results[name]['identical']}", flush=True)
     return results
@@ -98,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--only", nargs="*", help="run only strategies whose name contains one of these")
     parser.add_argument("--draft", help="a second model (same vocabulary) for spec-draft; skipped without it")
+    parser.add_argument("--heads", help="Medusa heads for spec-medusa (default: the shipped ones, if any)")
     parser.add_argument("--paired", action="store_true",
                         help="re-time AR right after each strategy and use it as that strategy's baseline (noisy "
                              "shared machines)")
@@ -118,11 +143,12 @@ def main(argv=None):
           + "\n"]
     for bs, res in results.items():
         table = [[name, r["tokens_per_s"], r["speedup"], r["accepted_per_pass"], r["tokens_per_pass"],
-                  " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]), r["identical"]]
+                  " ".join(f"{a:.2f}" for a in r["acceptance_by_position"]), r.get("draft_ms_per_pass", ""),
+                  r.get("pass_ms", ""), r["identical"]]
                  for name, r in res.items()]
         md.append(f"\n## batch {bs[2:]}\n\n" + benchutil.markdown_table(
             ["strategy", "tok/s", "speedup vs AR", "accepted/pass", "tokens/pass", "acceptance by position",
-             "identical to AR"], table))
+             "draft ms/pass", "pass ms", "identical to AR"], table))
     benchutil.write_report(args.out, "spec", {"machine": benchutil.machine(), "args": vars(args),
                                               "results": results}, "".join(md))
     print("".join(md))
