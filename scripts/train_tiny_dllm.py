@@ -76,11 +76,12 @@ class Run:
     count_masking: bool = False
     all_blocks: bool = False  # block diffusion: every block scored in one pass (BD3-LM)
     init: tuple[str, str] | None = None  # (attention, task) of a shipped model to start from, not random weights
-    more: tuple[tuple[int, float], ...] = ()  # further phases (steps, lr): the weights go on, the optimizer restarts
+    # further phases (steps, lr) or (steps, lr, eos_weight): the weights go on, the optimizer restarts
+    more: tuple[tuple, ...] = ()
 
     @property
     def total_steps(self) -> int:
-        return self.steps + sum(steps for steps, _ in self.more)
+        return self.steps + sum(phase[0] for phase in self.more)
 
 
 _HARD = dict(stratified=True, count_masking=True)
@@ -103,8 +104,9 @@ RUNS = {
     ("block_causal", "fill-256"): Run(2400, LONG, lr=1e-3, batch=8, block=32, all_blocks=True, **_HARD),
     # Started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps;
     # from scratch, 1500 steps left every held-out answer right but for its EOS (a letter in the canvas's last
-    # column), and so did 600 more at 3e-4 (p(EOS) 0.02 there): a third phase goes back to 1e-3.
-    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, more=((600, 3e-4), (1000, 1e-3)),
+    # column), and so did 600 more at 3e-4 (p(EOS) 0.02 there); 300 more at 1e-3 left p(EOS) anywhere in
+    # 0.005-0.67 (dropped). The third phase weights the EOS column's cross-entropy 30x.
+    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32, more=((600, 3e-4), (300, 3e-4, 30.0)),
                                        **_HARD),
     ("block_causal", "fill-512"): Run(600, LONG, lr=3e-4, batch=8, block=32, all_blocks=True,
                                       init=("bidirectional", "fill-512"), **_HARD),
@@ -127,10 +129,10 @@ def train_one(attention: str, name: str, run: Run, out: str, state: str, time_li
         if cfg != run.cfg:
             raise InvalidInputError(f"{attention}:{name} starts from {':'.join(run.init)}, whose model config differs")
     t0, losses, train_s, configs = time.monotonic(), [], 0.0, []
-    for i, (steps, lr) in enumerate([(run.steps, run.lr), *run.more]):
+    for i, (steps, lr, *eos_weight) in enumerate([(run.steps, run.lr), *run.more]):
         tc = diffusion.TrainConfig(steps=steps, batch=run.batch, lr=lr, warmup=50, attention=attention,
                                    block_size=run.block, stratified_t=run.stratified, count_masking=run.count_masking,
-                                   all_blocks=run.all_blocks)
+                                   all_blocks=run.all_blocks, eos_weight=eos_weight[0] if eos_weight else 1.0)
         resume = os.path.join(state, attention, name + (f".phase{i}" if i else ""))
         left = None if time_limit_s is None else time_limit_s - (time.monotonic() - t0)
         if left is not None and left <= 0:

@@ -93,12 +93,14 @@ def test_noise_block_causal_scores_one_block():
             np.testing.assert_array_equal(row_scored.reshape(4, 8)[j[0]], blocks[j[0]])
 
 
-@pytest.mark.parametrize("attention,shift", [("bidirectional", 0), ("block_causal", 0), ("bidirectional", 1),
-                                             ("block_causal", 1)])
-def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention, shift):
-    """With logit_shift = 1 (an AR-initialised dLLM) the column left of each answer token scores it."""
+@pytest.mark.parametrize("attention,shift,eos_weight", [("bidirectional", 0, 1.0), ("block_causal", 0, 1.0),
+                                                        ("bidirectional", 1, 1.0), ("block_causal", 1, 1.0),
+                                                        ("bidirectional", 0, 4.0)])
+def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention, shift, eos_weight):
+    """With logit_shift = 1 (an AR-initialised dLLM) the column left of each answer token scores it; EOS
+    targets weigh `eos_weight`."""
     cfg = dataclasses.replace(CFG, logit_shift=shift)
-    tc = diffusion.TrainConfig(attention=attention, block_size=16)
+    tc = diffusion.TrainConfig(attention=attention, block_size=16, eos_weight=eos_weight)
     params = tf.init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
     tokens, valid = _batch()
     key = jax.random.PRNGKey(3)
@@ -112,10 +114,18 @@ def test_loss_is_inverse_t_weighted_ce_on_scored_positions(attention, shift):
                            mask_mode=mode, valid=valid)
     logp = np.asarray(jax.nn.log_softmax(logits[:, p - shift : x.shape[1] - shift]))
     gen = np.asarray(tokens[:, p:])
-    nll = -np.take_along_axis(logp, gen[..., None], -1)[..., 0]
+    nll = -np.take_along_axis(logp, gen[..., None], -1)[..., 0] * np.where(gen == tasks.EOS, eos_weight, 1.0)
+    assert (np.asarray(scored) & (gen == tasks.EOS)).any()
     per_row = 32 if attention == "bidirectional" else 16
     expected = (nll * np.asarray(scored) / np.asarray(t)[:, None]).sum() / (len(gen) * per_row)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_states_saved_before_eos_weight_still_resume():
+    assert "eos_weight" not in diffusion.settings(diffusion.TrainConfig())  # what older states recorded
+    assert diffusion.settings(diffusion.TrainConfig(eos_weight=2.0))["eos_weight"] == 2.0
+    with pytest.raises(pdx.errors.InvalidInputError, match="eos_weight must be positive"):
+        diffusion.validate(diffusion.TrainConfig(eos_weight=0.0), 32, (32,))
 
 
 def test_all_blocks_scores_each_block_from_its_decoding_context():
