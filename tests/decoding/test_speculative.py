@@ -2,6 +2,8 @@
 
 import dataclasses
 import itertools
+import re
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,55 @@ def test_adaptive_k_and_runtime_k_do_not_recompile(target):
     assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1
 
 
+@dataclasses.dataclass(frozen=True)
+class NoDraft:
+    """A chain drafter that never proposes: every iteration takes the one-token step."""
+
+    k: int = 3
+    KIND: ClassVar[str] = "chain"
+    cfg: ClassVar[None] = None
+
+    def arrays(self, model):
+        return ()
+
+    def init(self, arrays, plan, prompt_buf, prompt_lens):
+        return ()
+
+    def propose(self, arrays, state, hist, pos, k, sampling, key):
+        b = hist.shape[0]
+        return jnp.zeros((b, self.k), jnp.int32), jnp.zeros((b,), jnp.int32), None, state
+
+
+def test_a_pass_with_no_draft_is_one_token_step(target):
+    ref = ar.generate(target, PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    out = engine.generate(target, PROMPTS, drafter=NoDraft(), max_new_tokens=12, stop_token_ids=[])
+    assert [out.row(i) for i in range(3)] == [ref.row(i) for i in range(3)]
+    assert out.stats["one_token_passes"] == out.stats["target_passes"] == 11  # the first token is prefill's
+    pld = engine.generate(target, PROMPTS, drafter=drafters.PromptLookup(k=3), max_new_tokens=12,
+                          stop_token_ids=[])  # some rows match an n-gram some of the time: both kinds of pass
+    assert [pld.row(i) for i in range(3)] == [ref.row(i) for i in range(3)]
+    assert 0 < pld.stats["one_token_passes"] < pld.stats["target_passes"]
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_no_draft_step_copies_no_cache(target, layout):
+    """The decode loop's compiled program holds no copy of a KV buffer: the one-token step and the K+1 pass
+    are zero-or-one-trip loops (a `lax.cond` between them copied every buffer each iteration)."""
+    model = dataclasses.replace(target, params=tf.unstack_layers(target.params) if layout == "per_layer"
+                                else tf.stack_layers(target.params))
+    drafter = drafters.PromptLookup(k=3)
+    req = ar.make_request(model, PROMPTS, {"max_new_tokens": 8}, step_tokens=drafter.k + 2)
+    statics = {"family": model.family, "cfg": model.cfg, "drafter": drafter}
+    (state, _), _ = compiled.run(engine.spec_prefill, statics | {"plan": req.plan}, model.params, (),
+                                 req.prompt_buf, req.prompt_lens, req.sampling, req.stop_ids, req.key, jnp.int32(3))
+    hlo = engine.spec_decode.lower(model.params, (), state, req.sampling, req.stop_ids, **statics,
+                                   adaptive=False).compile().as_text()
+    buf = state.cache.k[0] if layout == "per_layer" else state.cache.k
+    shape = re.escape(f"f32[{','.join(map(str, buf.shape))}]")
+    assert hlo.count(" while(") >= 3  # the decode loop and its two passes
+    assert not re.search(shape + r"\S* copy\(", hlo), "a KV buffer is copied"
+
+
 def _exact_joint(model, prompt, temperature, top_k, steps=3):
     """Exact target distribution of the first `steps` sampled tokens, by enumeration."""
     from pdx.decoding.sampling import SamplingParams, filter_logits
@@ -118,6 +169,17 @@ def test_speculative_sampling_is_lossless(kind, knobs):
     drafter = drafters.PromptLookup(k=2, max_ngram=2) if kind == "pld" else \
         drafters.draft_model(model, tiny(vocab=5, seed=3, layers=1, scale=0.8), 2)
     assert_lossless(model, prompt, drafter, knobs)
+
+
+def test_one_token_steps_sample_losslessly():
+    model = tiny(vocab=5, scale=0.8)
+    prompt = [1, 2, 3, 1, 2]
+    out = engine.generate(model, [prompt] * 2048, drafter=NoDraft(k=2), max_new_tokens=3, stop_token_ids=[],
+                          seed=5, temperature=1.0)
+    assert out.stats["one_token_passes"] == out.stats["target_passes"] == 2
+    probs, seqs = _exact_joint(model, prompt, 1.0, 0)
+    index = {tuple(s): i for i, s in enumerate(seqs)}
+    assert _chi_square_ok(np.array([index[tuple(r)] for r in out.tokens]), probs / probs.sum())
 
 
 def assert_lossless(model, prompt, drafter, knobs):

@@ -8,7 +8,9 @@ recurrent state is rebuilt from the traced forward's inputs). Greedy verificatio
 so the output is token-identical to the AR engine; sampling uses lossless rejection sampling, token by
 token (`verifier="token"`: Leviathan et al. for chains, SpecInfer's multi-round rule for trees) or over
 whole drafted sequences from the leaves up (`verifier="traversal"`, `traversal.py`). K is static; the
-per-row draft budget k (adaptive length) is traced.
+per-row draft budget k (adaptive length) is traced. An iteration where no row drafted anything (a chain
+drafter found no match) runs the AR engine's one-token step instead of the K+1-token pass; the two are
+while loops of zero or one trip (`run_if`), since a `lax.cond` between them copied the whole KV cache.
 
 Tree drafters (`tree_decode`) score a static tree of drafted nodes in the same single pass (tree
 attention mask) and move the accepted path's K/V into consecutive slots; see `tree.py`.
@@ -49,6 +51,7 @@ class SpecState:
     drafter: object  # drafter state
     key: jax.Array
     passes: jax.Array  # [] target verify passes
+    plain_passes: jax.Array  # [] of which one-token steps (no row had a draft)
     row_passes: jax.Array  # [B] verify passes while the row was active
     drafted: jax.Array  # [B] tokens proposed
     accepted: jax.Array  # [B] tokens accepted
@@ -73,8 +76,8 @@ def spec_prefill(params, draft_arrays, prompt_buf, prompt_lens, sampling, stop_i
     spec = SpecState(
         cache=state.cache, hist=hist, pos=prompt_lens, out=out, num_new=state.num_new, done=state.done,
         k=jnp.full((b,), k0, jnp.int32), drafter=drafter.init(draft_arrays, plan, prompt_buf, prompt_lens),
-        key=state.key, passes=jnp.zeros((), jnp.int32), row_passes=jnp.zeros((b,), jnp.int32),
-        drafted=jnp.zeros((b,), jnp.int32),
+        key=state.key, passes=jnp.zeros((), jnp.int32), plain_passes=jnp.zeros((), jnp.int32),
+        row_passes=jnp.zeros((b,), jnp.int32), drafted=jnp.zeros((b,), jnp.int32),
         accepted=jnp.zeros((b,), jnp.int32), accepted_at=jnp.zeros((kmax,), jnp.int32),
         proposed_at=jnp.zeros((kmax,), jnp.int32))
     return spec, chunks
@@ -106,10 +109,17 @@ def _advance(s: SpecState, cache, path_tokens, n, nxt, proposed, drafted, stop_i
     return SpecState(
         cache=cache, hist=hist, pos=jnp.where(active, s.pos + 1 + n, s.pos), out=out, num_new=num_new,
         done=done, k=jnp.where(active, k, s.k), drafter=dstate, key=key, passes=s.passes + 1,
-        row_passes=s.row_passes + active, drafted=s.drafted + jnp.where(active, drafted, 0),
-        accepted=s.accepted + jnp.where(active, n, 0),
+        plain_passes=s.plain_passes, row_passes=s.row_passes + active,
+        drafted=s.drafted + jnp.where(active, drafted, 0), accepted=s.accepted + jnp.where(active, n, 0),
         accepted_at=s.accepted_at + jnp.sum((depth < n[:, None]) & active[:, None], axis=0),
         proposed_at=s.proposed_at + jnp.sum(proposed & active[:, None], axis=0))
+
+
+def run_if(flag: jax.Array, fn, state):
+    """`fn(state)` where the traced bool `flag` holds, else `state`, as a while loop of zero or one trip: a
+    `lax.cond` whose branches update the target cache made XLA copy every KV buffer each pass, and a loop
+    updates its carry in place (tests/decoding/test_speculative.py checks the compiled program)."""
+    return lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (flag, state))[1]
 
 
 def keep(s: SpecState, n: jax.Array) -> jax.Array:
@@ -143,21 +153,39 @@ def spec_decode(params, draft_arrays, state: SpecState, sampling: SamplingParams
                                                          k_draft)
         n_draft = jnp.where(s.done, 0, jnp.minimum(n_draft, s.k))
         last = jnp.take_along_axis(s.hist, s.pos[:, None], axis=1)  # [B, 1]
-        tokens = jnp.concatenate([last, drafts], axis=1)  # [B, K+1]
-        positions = s.pos[:, None] + steps
-        valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
-        logits, cache, trace = family.forward(params, cfg, tokens, positions, s.cache, valid=valid, trace=True)
-        if probs is None:
-            probs = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
-        n, nxt = lax.cond(sampling.temperature > 0,
-                          lambda: verify_sampled(logits, tokens, n_draft, probs, sampling, k_verify),
-                          lambda: verify_greedy(logits, drafts, n_draft))
-        k = s.k
-        if adaptive:  # grow on full acceptance, shrink on a rejection
-            k = jnp.where(n >= n_draft, jnp.minimum(k + 1, kmax), jnp.maximum(k - 1, 1))
-        proposed = jnp.arange(kmax) < n_draft[:, None]
-        cache = family.rollback(params, cfg, s.cache, cache, trace, keep(s, n))
-        return _advance(s, cache, drafts, n, nxt, proposed, n_draft, stop_ids, k=k, dstate=dstate, key=key)
+
+        def verify_pass(s: SpecState) -> SpecState:  # score last, d_1..d_K in one forward
+            tokens = jnp.concatenate([last, drafts], axis=1)  # [B, K+1]
+            positions = s.pos[:, None] + steps
+            valid = jnp.broadcast_to(~s.done[:, None], tokens.shape)
+            logits, cache, trace = family.forward(params, cfg, tokens, positions, s.cache, valid=valid, trace=True)
+            q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32) if probs is None else probs
+            n, nxt = lax.cond(sampling.temperature > 0,
+                              lambda: verify_sampled(logits, tokens, n_draft, q, sampling, k_verify),
+                              lambda: verify_greedy(logits, drafts, n_draft))
+            k = s.k
+            if adaptive:  # grow on full acceptance, shrink on a rejection
+                k = jnp.where(n >= n_draft, jnp.minimum(k + 1, kmax), jnp.maximum(k - 1, 1))
+            proposed = jnp.arange(kmax) < n_draft[:, None]
+            cache = family.rollback(params, cfg, s.cache, cache, trace, keep(s, n))
+            return _advance(s, cache, drafts, n, nxt, proposed, n_draft, stop_ids, k=k, dstate=dstate, key=key)
+
+        def plain_step(s: SpecState) -> SpecState:  # no row drafted: the AR step, one token per row
+            logits, cache, trace = family.forward(params, cfg, last, s.pos[:, None], s.cache,
+                                                  valid=~s.done[:, None], trace=True)  # [B, 1, V]
+            none, zero = drafts[:, :0], jnp.zeros_like(n_draft)  # every lossless rule samples the target here
+            n, nxt = lax.cond(sampling.temperature > 0,
+                              lambda: verify_sampling(logits, none, zero, jnp.zeros((*none.shape, logits.shape[-1])),
+                                                      sampling, k_verify),
+                              lambda: verify_greedy(logits, none, zero))
+            k = jnp.minimum(s.k + 1, kmax) if adaptive else s.k  # nothing drafted, nothing rejected: as a full
+            cache = family.rollback(params, cfg, s.cache, cache, trace, keep(s, n))  # acceptance
+            s = _advance(s, cache, drafts[:, :1], n, nxt, jnp.zeros((n.shape[0], kmax), bool), zero, stop_ids,
+                         k=k, dstate=dstate, key=key)  # (n = 0: the path token is ignored)
+            return dataclasses.replace(s, plain_passes=s.plain_passes + 1)
+
+        drafted = jnp.any(n_draft > 0)
+        return run_if(~drafted, plain_step, run_if(drafted, verify_pass, s))
 
     return lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
@@ -252,6 +280,7 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
     decode_s = t2 - t1 - c2
     new_tokens = int(lengths.sum())
     stats = {"forward_passes": int(chunks) + int(s.passes), "target_passes": int(s.passes),
+             "one_token_passes": int(s.plain_passes),
              "prefill_s": t1 - t0 - c1, "decode_s": decode_s, "compile_s": c1 + c2, "new_tokens": new_tokens,
              "drafted": int(s.drafted[:n].sum()), "accepted": int(s.accepted[:n].sum()),
              "accepted_per_pass": float(s.accepted[:n].sum() / max(int(s.row_passes[:n].sum()), 1)),
