@@ -27,24 +27,26 @@ import numpy as np
 from pdx.decoding.speculative import head_checkpoint, medusa
 from pdx.files import atomic_write
 from pdx.model import load_model
-from pdx.train import diffusion
+from pdx.train import diffusion, loop
 from pdx.train import draft_heads as dh
 
 
 def features(model, data: str, state: str, num_heads: int) -> dict:
-    """{train,heldout}_{feats,targets}: cached after the first run (the target's pass is the slow part)."""
+    """{train,heldout}_{feats,targets} and `seconds` (the featurizing run's): cached after the first run
+    (the target's pass is the slow part)."""
     path = os.path.join(state, "features.npz")
     if os.path.isfile(path):
         with np.load(path) as z:
             if z["train_targets"].shape[1] == num_heads:
                 return dict(z)
-    out = {}
+    t0, out = time.time(), {}
     for kind in ("train", "heldout"):
         seqs = dh.read_shards(data, kind)
         if not seqs:
             raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
         f, t = dh.featurize(model, seqs, num_heads)
         out[f"{kind}_feats"], out[f"{kind}_targets"] = f.astype(np.float16), t
+    out["seconds"] = np.float64(time.time() - t0)
     buf = io.BytesIO()
     np.savez(buf, **out)
     os.makedirs(state, exist_ok=True)
@@ -67,18 +69,15 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", default="bench")
     args = ap.parse_args(argv)
     model = load_model()
-    t0 = time.time()
     data = features(model, args.data, args.state, args.heads)
-    feat_s = time.time() - t0
     tc = dh.TrainConfig(num_heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr, coverage=args.coverage)
     vocab = dh.vocab_subset(data["train_targets"], tc.coverage)
     out_rows = np.asarray(model.family.lm_head_rows(model.params, model.cfg, jnp.asarray(vocab)))
     print(f"{len(data['train_feats'])} training rows, {len(data['heldout_feats'])} held-out; vocabulary subset "
           f"{len(vocab)} of {model.cfg.vocab_size} tokens covers {tc.coverage:.0%} of targets", flush=True)
-    t1 = time.time()
     heads, losses = dh.train(out_rows, data["train_feats"], dh.to_subset(data["train_targets"], vocab), tc,
                              checkpoint_dir=os.path.join(args.state, "medusa"), save_every=args.save_every)
-    train_s = time.time() - t1
+    train_s = loop.read_progress(os.path.join(args.state, "medusa"))["elapsed_s"]  # over every resumed piece
     shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
     as_run = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped)
     acc = dh.topk_accuracy(as_run, out_rows, vocab, data["heldout_feats"], data["heldout_targets"])
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
             "train": dataclasses.asdict(tc), "data": {k: v for k, v in recipe.items() if k != "args"}}
     head_checkpoint.save(args.out, medusa.KIND, {"heads": shipped, "vocab": vocab}, model, meta)
     os.makedirs(args.bench, exist_ok=True)
-    report = {**meta, "features_s": round(feat_s, 1), "train_s": round(train_s, 1),
+    report = {**meta, "features_s": round(float(data.get("seconds", np.nan)), 1), "train_s": round(train_s, 1),
               "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
               "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
     atomic_write(os.path.join(args.bench, "draft_heads.json"), json.dumps(report))

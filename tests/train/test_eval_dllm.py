@@ -90,6 +90,7 @@ def test_synthetic_workload_on_a_shipped_tiny_model(tmp_path):
     assert (tmp_path / "eval.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # 25 s: the default suite ran 16 min (budget 15)
 def test_long_workload_and_ar_baseline_end_to_end(tmp_path):
     """agree-256 on a random bidirectional dLLM (four settings) and a random AR model, one table and plot."""
     from pdx.train import tasks

@@ -116,8 +116,8 @@ def load(model, path: str | None = None, tree=None) -> Medusa:
     they were trained for `model`; `tree`: branching factors per depth, default the checkpoint's own
     sparse tree (built from the heads' held-out top-k accuracies)."""
     if path is None and not os.path.isdir(DEFAULT_HEADS):
-        raise ModelLoadError("no Medusa heads ship with pdx yet: train them with scripts/train_draft_heads.py and "
-                             "pass heads=PATH")
+        raise ModelLoadError(f"the shipped Medusa heads are missing ({DEFAULT_HEADS}): reinstall pdx, or train heads "
+                             "with scripts/train_draft_heads.py and pass heads=PATH")
     path = DEFAULT_HEADS if path is None else path
     arrays, meta = head_checkpoint.load(path, KIND, model)
     heads = arrays.get("heads")
