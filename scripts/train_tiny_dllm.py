@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,6 +60,14 @@ TINY = tasks.model_config()
 # x 128 wide.
 WIDE = tasks.model_config(hidden=128, layers=4)
 LONG = tasks.model_config(positions=1024)  # the long tasks' canvases: up to 512 + 512
+
+
+class Phase(NamedTuple):
+    """A stretch of a run under one schedule: its steps, peak learning rate and EOS weight."""
+
+    steps: int
+    lr: float
+    eos_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +85,15 @@ class Run:
     count_masking: bool = False
     all_blocks: bool = False  # block diffusion: every block scored in one pass (BD3-LM)
     init: tuple[str, str] | None = None  # (attention, task) of a shipped model to start from, not random weights
-    # further phases (steps, lr) or (steps, lr, eos_weight): the weights go on, the optimizer restarts
-    more: tuple[tuple, ...] = ()
+    more: tuple[Phase, ...] = ()  # further phases: the weights go on, the optimizer restarts
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return (Phase(self.steps, self.lr), *self.more)
 
     @property
     def total_steps(self) -> int:
-        return self.steps + sum(phase[0] for phase in self.more)
+        return sum(phase.steps for phase in self.phases)
 
 
 _HARD = dict(stratified=True, count_masking=True)
@@ -108,7 +120,8 @@ RUNS = {
     # 0.005-0.67 (dropped). Phases weighting the EOS column's cross-entropy 30x: held-out answers exact at one
     # token per step 6.2% -> 37.5% (300 steps) -> 56.2% (400 more; p(EOS) there 0.02-0.94 by instance).
     ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32,
-                                       more=((600, 3e-4), (300, 3e-4, 30.0), (400, 3e-4, 30.0)), **_HARD),
+                                       more=(Phase(600, 3e-4), Phase(300, 3e-4, 30.0), Phase(400, 3e-4, 30.0)),
+                                       **_HARD),
     ("block_causal", "fill-512"): Run(600, LONG, lr=3e-4, batch=8, block=32, all_blocks=True,
                                       init=("bidirectional", "fill-512"), **_HARD),
 }
@@ -131,10 +144,10 @@ def train_one(attention: str, name: str, run: Run, out: str, state: str, time_li
         if cfg != run.cfg:
             raise InvalidInputError(f"{attention}:{name} starts from {':'.join(run.init)}, whose model config differs")
     t0, losses, train_s, configs = time.monotonic(), [], 0.0, []
-    for i, (steps, lr, *eos_weight) in enumerate([(run.steps, run.lr), *run.more]):
-        tc = diffusion.TrainConfig(steps=steps, batch=run.batch, lr=lr, warmup=50, attention=attention,
+    for i, phase in enumerate(run.phases):
+        tc = diffusion.TrainConfig(steps=phase.steps, batch=run.batch, lr=phase.lr, warmup=50, attention=attention,
                                    block_size=run.block, stratified_t=run.stratified, count_masking=run.count_masking,
-                                   all_blocks=run.all_blocks, eos_weight=eos_weight[0] if eos_weight else 1.0)
+                                   all_blocks=run.all_blocks, eos_weight=phase.eos_weight)
         resume = os.path.join(state, attention, name + (f".phase{i}" if i else ""))
         left = None if time_limit_s is None else time_limit_s - (time.monotonic() - t0)
         if left is not None and left <= 0:
@@ -144,9 +157,9 @@ def train_one(attention: str, name: str, run: Run, out: str, state: str, time_li
                                                task.prompt_len, task.gen_len, tasks.EOS, tasks.PAD, params=params,
                                                checkpoint_dir=resume, time_limit_s=left)
         done = loop.read_progress(resume)
-        if len(phase_losses) < steps:
-            print(f"{attention}:{name} phase {i} stopped at step {done['step']} of {steps} ({done['elapsed_s']:.0f} s "
-                  "so far): rerun to resume", flush=True)
+        if len(phase_losses) < phase.steps:
+            print(f"{attention}:{name} phase {i} stopped at step {done['step']} of {phase.steps} "
+                  f"({done['elapsed_s']:.0f} s so far): rerun to resume", flush=True)
             return None
         losses += [float(x) for x in phase_losses]
         train_s += done["elapsed_s"]

@@ -175,7 +175,7 @@ def test_tiny_dllm_runs_go_on_in_phases_and_start_from_a_shipped_model(tmp_path)
     from scripts import train_tiny_dllm as script
 
     out, state = str(tmp_path / "out"), str(tmp_path / "state")
-    run = script.Run(3, batch=2, more=((2, 1e-4), (1, 1e-4, 5.0)))
+    run = script.Run(3, batch=2, more=(script.Phase(2, 1e-4), script.Phase(1, 1e-4, 5.0)))
     meta = script.train_one("bidirectional", "copy", run, out, state, None)
     assert run.total_steps == 6 and [p["steps"] for p in meta["phases"]] == [2, 1] and meta["train"]["steps"] == 3
     assert [p["eos_weight"] for p in meta["phases"]] == [1.0, 5.0]
