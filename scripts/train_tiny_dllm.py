@@ -60,6 +60,7 @@ TINY = tasks.model_config()
 # x 128 wide.
 WIDE = tasks.model_config(hidden=128, layers=4)
 LONG = tasks.model_config(positions=1024)  # the long tasks' canvases: up to 512 + 512
+FILL512 = tasks.model_config(positions=1056)  # fill-512: 544 prompt columns (513 tokens) + 512
 
 
 class Phase(NamedTuple):
@@ -114,23 +115,17 @@ RUNS = {
        if (attention, name) != ("block_causal", "fill-256")},
     # one block scored per example left 4% wrong tokens after 2400 steps; every block per pass:
     ("block_causal", "fill-256"): Run(2400, LONG, lr=1e-3, batch=8, block=32, all_blocks=True, **_HARD),
-    # Started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps;
-    # from scratch, 1500 steps left every held-out answer right but for its EOS (a letter in the canvas's last
-    # column), and so did 600 more at 3e-4 (p(EOS) 0.02 there); 300 more at 1e-3 left p(EOS) anywhere in
-    # 0.005-0.67 (dropped). Phases weighting the EOS column's cross-entropy 30x: held-out answers exact at one
-    # token per step 6.2% -> 37.5% (300 steps) -> 56.2% (400 more; p(EOS) there 0.02-0.94 by instance).
-    ("bidirectional", "fill-512"): Run(1500, LONG, lr=1e-3, batch=8, block=32,
-                                       more=(Phase(600, 3e-4), Phase(300, 3e-4, 30.0), Phase(400, 3e-4, 30.0)),
-                                       **_HARD),
-    ("block_causal", "fill-512"): Run(600, LONG, lr=3e-4, batch=8, block=32, all_blocks=True,
+    # Started from its fill-256 model, the bidirectional run sat at the loss of uniform letters (2.71) for 200 steps.
+    # Posed without the prompt's final SEP, 2800 steps (1500 at 1e-3, 600 at 3e-4, 700 at 3e-4 with the EOS column's
+    # cross-entropy weighted 30x; 118 min) got every held-out letter right but the final EOS in only 56% of answers:
+    # that column's source 512 back was the answer's own first letter (see tasks.py).
+    ("bidirectional", "fill-512"): Run(1500, FILL512, lr=1e-3, batch=8, block=32, **_HARD),
+    ("block_causal", "fill-512"): Run(600, FILL512, lr=3e-4, batch=8, block=32, all_blocks=True,
                                       init=("bidirectional", "fill-512"), **_HARD),
 }
 
 
-# Runs not finished yet (their state under --state, no shipped checkpoint). Bidirectional fill-512: after
-# 2800 steps (118 min) every held-out answer's letters are right, and its final EOS (the canvas's last column,
-# whose token 511 columns back is the answer's first letter, not a prompt letter) in 56% of them. Block
-# diffusion's fill-512 starts from that model.
+# Runs not finished yet (their state under --state, no shipped checkpoint).
 UNFINISHED = {("bidirectional", "fill-512"), ("block_causal", "fill-512")}
 
 

@@ -47,6 +47,7 @@ def _greedy_parity(smollm2, hf_smollm2, humaneval, tasks, chats):
     return result
 
 
+@pytest.mark.slow  # 40 s with its setup; logits and greedy parity with transformers stay in test_smollm2_parity
 def test_greedy_matches_transformers_generate(smollm2_any_layout, hf_smollm2, humaneval):
     result = _greedy_parity(smollm2_any_layout, hf_smollm2, humaneval, HUMANEVAL[:2], CHATS[:1])
     assert len(result.row(0)) == NEW and len(result.row(1)) == NEW

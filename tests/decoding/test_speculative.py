@@ -111,6 +111,7 @@ class NoDraft:
         return jnp.zeros((b, self.k), jnp.int32), jnp.zeros((b,), jnp.int32), None, state
 
 
+@pytest.mark.slow  # 15 s: the default suite ran 15:27; the chain loop's HLO copy count stays in it
 def test_a_pass_with_no_draft_is_one_token_step(target):
     ref = ar.generate(target, PROMPTS, max_new_tokens=12, stop_token_ids=[])
     out = engine.generate(target, PROMPTS, drafter=NoDraft(), max_new_tokens=12, stop_token_ids=[])

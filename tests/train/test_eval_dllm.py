@@ -35,6 +35,7 @@ def code_setup(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.slow  # 12 s: the default suite ran 15:27 (budget 15 min)
 def test_code_workload_scores_every_setting_against_the_reference(code_setup):
     root, data = code_setup
     held_out = [f for f in ("a.py", "b.py", "x8.py") if code_data.is_held_out(f)]
