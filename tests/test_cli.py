@@ -109,7 +109,9 @@ def _strategies():
 def test_every_strategy_rejects_bad_options_in_one_line(gguf_path, strategy, problem, capsys):
     """Checked against the strategy's schema before the model loads: exit 2, one line on stderr."""
     key, bad = _bounded_option(strategy)
-    dllm = strategy in ("llada", "fast-dllm")  # the dLLMs take no --top-p flag; the others take no block_size
+    from pdx.decoding import registry
+
+    dllm = "block_size" in registry.STRATEGIES[strategy].options  # the dLLMs take no --top-p; the others no block_size
     extra = {"unknown": ["--option", "no_such_option=1"],
              "mistyped": ["--option", f"{key}=abc"],
              "out_of_range": ["--option", f"{key}={json.dumps(bad)}"],

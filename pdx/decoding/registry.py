@@ -88,6 +88,8 @@ DLLM = {
     "cache": Option("str", choices=("none", "prefix", "dual")),
     "attention": Option("str", choices=("bidirectional", "block_causal")), "prompt_bucket": Option("int", ge=1),
 }
+DLLM_RULE = {name: option for name, option in DLLM.items() if name != "remasking"}  # rules that read confidences
+UNIT = Option("float", gt=0, le=1)  # a probability threshold
 
 
 def _causal(options: dict) -> protocol.Needs:
@@ -164,6 +166,20 @@ STRATEGIES: dict[str, Strategy] = {
                           "dLLM (Fast-dLLM): confidence-threshold / factor parallel decoding, prefix or dual KV cache",
                           DLLM | {"threshold": Option("float", gt=0, le=1),
                                   "factor": Option("float", gt=0, nullable=True)}, _dllm),
+    # training-free commit rules (their confidences are the model's: no random remasking)
+    "localleap": Strategy("pdx.decoding.diffusion.localleap:generate",
+                          "dLLM (LocalLeap): confident anchors let neighbours within a radius commit at a lower "
+                          "threshold", DLLM_RULE | {"threshold": UNIT, "relaxed_threshold": UNIT,
+                                                    "radius": Option("int", ge=0)}, _dllm),
+    "cd4lm-cad": Strategy("pdx.decoding.diffusion.cd4lm:generate",
+                          "dLLM (CD4LM's CAD): the k tokens above a threshold, capped, no EOS before a share "
+                          "is decoded", DLLM_RULE | {"threshold": UNIT, "max_per_step": Option("int", ge=1),
+                                                     "eos_ratio": Option("float", ge=0, le=1)}, _dllm),
+    "credit": Strategy("pdx.decoding.diffusion.credit:generate",
+                       "dLLM (CreditDecoding): a position's steadily predicted token earns credit that raises its "
+                       "probability", DLLM_RULE | {"threshold": UNIT, "alpha": Option("float", ge=0),
+                                                   "beta": Option("float", ge=0, le=1),
+                                                   "gamma": Option("float", gt=0, le=1)}, _dllm),
 }
 
 

@@ -96,14 +96,18 @@ EXACT = {
     "lookahead": lambda f, lay: {"window": 3, "ngram_size": 3, "guesses": 2},
     "llada": lambda f, lay: {"block_size": 5},
     "fast-dllm": lambda f, lay: {"block_size": 5, "threshold": 1.0, "cache": "none"},
+    "localleap": lambda f, lay: {"block_size": 5, "threshold": 1.0, "relaxed_threshold": 1.0},
+    "cd4lm-cad": lambda f, lay: {"block_size": 5, "threshold": 1.0, "max_per_step": 1, "eos_ratio": 0.0},
+    "credit": lambda f, lay: {"block_size": 5, "threshold": 1.0, "alpha": 0.0},
 }
+DLLM_STRATEGIES = ("llada", "fast-dllm", "localleap", "cd4lm-cad", "credit")
 
 # The support matrix as declared today: a change in a family's capabilities must show up here too.
 UNSUPPORTED = {
     ("mamba2", "spec-tree"), ("mamba2", "lookahead"), ("mamba2", "spec-medusa"),
     ("sambay", "spec-layerskip"), ("sambay", "spec-tree"), ("sambay", "lookahead"), ("sambay", "spec-medusa"),
-} | {(f, s) for f in ("transformer", "mamba2", "sambay") for s in ("llada", "fast-dllm")} \
-  | {(f, s) for f in ("llada-dllm", "dream-dllm") for s in registry.STRATEGIES if s not in ("llada", "fast-dllm")}
+} | {(f, s) for f in ("transformer", "mamba2", "sambay") for s in DLLM_STRATEGIES} \
+  | {(f, s) for f in ("llada-dllm", "dream-dllm") for s in registry.STRATEGIES if s not in DLLM_STRATEGIES}
 
 PAIRS = [(f, s) for f in FAMILIES for s in registry.STRATEGIES]
 

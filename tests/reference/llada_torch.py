@@ -45,11 +45,14 @@ def _count(conf: list[float], masked: int, step: int, mode: str, steps: int, blo
 
 @torch.no_grad()
 def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: int, mask_id: int, eos_ids, pad_id: int,
-           mode: str, steps: int = 0, knob: float = 0.0, attention: str = "bidirectional", cfg_scale: float = 0.0,
-           logit_shift: int = 0):
+           mode: str = "", steps: int = 0, knob: float = 0.0, attention: str = "bidirectional", cfg_scale: float = 0.0,
+           logit_shift: int = 0, rule=None):
     """mode: "schedule" (LLaDA, `steps` per block), "threshold" (knob = tau) or "factor" (knob = f).
     cfg_scale > 0: classifier-free guidance against the canvas with the prompt masked out.
-    logit_shift = 1: slot i is predicted by the logits at i - 1 (Dream)."""
+    logit_shift = 1: slot i is predicted by the logits at i - 1 (Dream).
+    rule: instead of a mode, `rule(row, logits [K, V] float64, masked [j...], step, decoded) -> {j: token}`, the
+    commits of one row at one step (tests/reference/dllm_rules_torch.py); decoded is the share of the row's
+    generated slots decoded before the step."""
     b, p = len(prompts), prompt_width
     w = p + gen_length
     x = torch.full((b, w), pad_id, dtype=torch.long)
@@ -80,11 +83,16 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
                 idx = [j for j in range(block_size) if x[r, lo + j] == mask_id] if not done[r] else []
                 if not idx:
                     continue
-                conf = {j: probs[r, j, x0[r, j]].item() for j in idx}
-                ranked = sorted(idx, key=lambda j: (-conf[j], j))
-                n = _count([conf[j] for j in ranked], len(idx), step, mode, steps, block_size, knob)
-                for j in ranked[:n]:
-                    x[r, lo + j] = x0[r, j]
+                if rule is not None:
+                    decoded = (x[r, p:] != mask_id).double().mean().item()
+                    commits = rule(r, logits[r], idx, step, decoded)
+                else:
+                    conf = {j: probs[r, j, x0[r, j]].item() for j in idx}
+                    ranked = sorted(idx, key=lambda j: (-conf[j], j))
+                    n = _count([conf[j] for j in ranked], len(idx), step, mode, steps, block_size, knob)
+                    commits = {j: x0[r, j].item() for j in ranked[:n]}
+                for j, token in commits.items():
+                    x[r, lo + j] = token
                     commit_step[r, lo + j - p] = t
                 for tok in x[r, p:].tolist():
                     if tok == mask_id:

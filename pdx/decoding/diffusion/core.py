@@ -136,19 +136,20 @@ def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
 
 
 def _candidates(spec: Spec, logits, masked, key, knobs, mask_id: int):
-    """Candidate tokens `[B, K]` (Gumbel-max sampling at `temperature`, argmax at 0) and confidences.
+    """The logits without the mask token `[B, K, V]`, candidate tokens `[B, K]` (Gumbel-max sampling at
+    `temperature`, argmax at 0), confidences and the temperature-scaled noise `[B, K, V]`.
 
     The mask token itself is never a candidate (its logit is dropped before sampling and softmax)."""
     logits = logits.at[..., mask_id].set(-jnp.inf)
     kg, kr = jax.random.split(key)
-    noise = jax.random.gumbel(kg, logits.shape, logits.dtype)
-    x0 = jnp.argmax(logits + knobs["temperature"] * noise, axis=-1).astype(jnp.int32)  # [B, K]
+    noise = knobs["temperature"] * jax.random.gumbel(kg, logits.shape, logits.dtype)  # [B, K, V]
+    x0 = jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)  # [B, K]
     if spec.remasking == "low_confidence":
         probs = jax.nn.softmax(logits, axis=-1)
         conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     else:
         conf = jax.random.uniform(kr, x0.shape)
-    return x0, jnp.where(masked, conf, -jnp.inf)
+    return logits, x0, jnp.where(masked, conf, -jnp.inf), noise
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
@@ -189,9 +190,12 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
         logits = guided(logits)
         block = lax.dynamic_slice_in_dim(c["x"], start, k, axis=1)  # [B, K]
         masked = (block == mask_id) & ~c["done"][:, None]
-        x0, conf = _candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
-        commit = spec.policy.commit(policies.StepContext(logits, x0, conf, masked, c["step"]), knobs) & masked
-        block = jnp.where(commit, x0, block)
+        logits, x0, conf, noise = _candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
+        decoded = jnp.mean(c["x"][:, p:] != mask_id, axis=1, dtype=jnp.float32)  # [B]
+        ctx = policies.StepContext(logits, x0, conf, masked, c["step"], noise, decoded)
+        commit, tokens, policy_state = spec.policy.step(ctx, knobs, c["policy"])
+        commit &= masked
+        block = jnp.where(commit, tokens, block)
         xs = lax.dynamic_update_slice_in_dim(c["x"], block, start, axis=1)
         when = lax.dynamic_slice_in_dim(c["commit_step"], start - p, k, axis=1)
         commit_step = lax.dynamic_update_slice_in_dim(c["commit_step"], jnp.where(commit, c["t"], when),
@@ -199,7 +203,7 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
         done = c["done"] | spec.stop(xs[:, p:], mask_id, cfg.eos_token_ids)
         finished = ~jnp.any((block == mask_id) & ~done[:, None])
         return dict(
-            x=xs, cache=new_cache, done=done, commit_step=commit_step,
+            x=xs, cache=new_cache, policy=policy_state, done=done, commit_step=commit_step,
             committed=c["committed"].at[:, c["t"]].set(commit.sum(-1, dtype=jnp.int32)),
             row_nfe=c["row_nfe"] + jnp.any(masked, -1).astype(jnp.int32),
             steps_per_block=c["steps_per_block"].at[c["block"]].add(1),
@@ -211,7 +215,8 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
         return (c["block"] < spec.num_blocks) & ~jnp.all(c["done"]) & (c["t"] < g)
 
     zero = jnp.zeros((), jnp.int32)
-    init = dict(x=x, cache=cache, done=jnp.zeros((b,), bool), commit_step=jnp.full((b, g), -1, jnp.int32),
+    init = dict(x=x, cache=cache, policy=spec.policy.init_state(b, k, cfg.vocab_size), done=jnp.zeros((b,), bool),
+                commit_step=jnp.full((b, g), -1, jnp.int32),
                 committed=jnp.zeros((b, g), jnp.int32), row_nfe=jnp.zeros((b,), jnp.int32),
                 steps_per_block=jnp.zeros((spec.num_blocks,), jnp.int32),
                 block=zero, step=zero, t=zero)
@@ -255,12 +260,13 @@ def check_prompts(prompts, vocab_size: int, mask_id: int) -> None:
 
 def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, policy, remasking: str = "low_confidence",
         cache: str = "none", attention: str = "bidirectional", temperature: float = 0.0, threshold: float = 1.0,
-        factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16,
-        stop: Callable = eos_stop) -> GenerationResult:
+        factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16, stop: Callable = eos_stop,
+        knobs: dict[str, float] | None = None) -> GenerationResult:
     """Validate, build the canvas, run the compiled loop and package a `GenerationResult`.
 
     The caller (a registered strategy) has checked that the family is a masked-diffusion LLM with
-    the attention and cache extras these options need (`pdx.decoding.registry`)."""
+    the attention and cache extras these options need (`pdx.decoding.registry`). `knobs`: the policy's own
+    traced scalars (validated by the caller), beside temperature, threshold, factor and cfg_scale."""
     cfg = model.cfg
     caps = model.family.capabilities(cfg)
     mask_id = cfg.mask_token_id
@@ -278,7 +284,8 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
     spec = Spec(model.family, p, max_new_tokens, block_size, policy, remasking, cache, attention, cfg_scale > 0,
                 shift, stop)
     knobs = {name: jnp.float32(v) for name, v in
-             dict(temperature=temperature, threshold=threshold, factor=factor, cfg_scale=cfg_scale).items()}
+             dict(temperature=temperature, threshold=threshold, factor=factor, cfg_scale=cfg_scale,
+                  **(knobs or {})).items()}
     args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(prompt), jax.random.PRNGKey(seed), knobs)
     t0 = time.perf_counter()
     out, compile_s = compiled.run(decode, {"cfg": cfg, "spec": spec}, model.params, *args)

@@ -8,45 +8,15 @@ caches under block-causal attention, where caching is exact.
 import jax
 import numpy as np
 import pytest
-import torch
 
-import pdx
 from pdx.decoding.diffusion import core, fast_dllm, llada
-from tests.reference import llada_torch
-
-MASK, EOS, PAD = 63, 2, 0
-PROMPTS = [[5, 17, 9, 33, 41], [7, 3, 12, 60, 22, 11, 48, 30, 19, 27, 4]]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A random tiny Llama with peaked logits (so confidences spread over (0, 1)), saved and loaded by pdx."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, mask_token_id=MASK,
-                         eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1)
-    ref = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny_llama")
-    ref.save_pretrained(path)
-    return pdx.load_model(path), ref
-
-
-def _reference(ref, result, **kw):
-    p = core.build_canvas(PROMPTS, 16, 8, MASK, PAD)[3]
-    gen, steps = llada_torch.decode(ref, PROMPTS, prompt_width=p, gen_length=16, block_size=8, mask_id=MASK,
-                                    eos_ids=(EOS,), pad_id=PAD, **kw)
-    tokens, _ = core.finish_rows(gen, MASK, (EOS,), PAD)
-    np.testing.assert_array_equal(result.tokens, tokens)
-    np.testing.assert_array_equal(result.stats["commit_step"], steps)
-    assert result.stats["nfe"] == steps.max() + 1
+from tests.decoding.diffusion.tiny_llama import EOS, MASK, PAD, PROMPTS, check_against_reference
 
 
 def test_llada_schedule_with_guidance_matches_torch(models):
     model, ref = models
     result = llada.generate(model, PROMPTS, max_new_tokens=16, steps=6, block_size=8, cfg_scale=0.5)
-    _reference(ref, result, mode="schedule", steps=3, cfg_scale=0.5)
+    check_against_reference(ref, result, mode="schedule", steps=3, cfg_scale=0.5)
     assert result.stats["steps_per_block"] == [3, 3]
     for row, length in zip(result.stats["committed_per_step"], result.lengths):  # [steps] per row
         schedule = [3, 3, 2] * 2  # linear schedule of 8 tokens over 3 steps, per block
@@ -57,7 +27,7 @@ def test_llada_schedule_with_guidance_matches_torch(models):
 def test_threshold_matches_torch(models):
     model, ref = models
     result = fast_dllm.generate(model, PROMPTS, max_new_tokens=16, block_size=8, threshold=0.15, cache="none")
-    _reference(ref, result, mode="threshold", knob=0.15)
+    check_against_reference(ref, result, mode="threshold", knob=0.15)
     assert max(max(row) for row in result.stats["committed_per_step"]) > 1  # some steps commit several tokens
 
 
@@ -68,7 +38,7 @@ def test_block_causal_caches_match_torch_without_cache(models, cache, mode, knob
     kw = dict(factor=knob) if mode == "factor" else dict(threshold=knob)
     result = fast_dllm.generate(model, PROMPTS, max_new_tokens=16, block_size=8, cache=cache,
                                 attention="block_causal", **kw)
-    _reference(ref, result, mode=mode, knob=knob, attention="block_causal")
+    check_against_reference(ref, result, mode=mode, knob=knob, attention="block_causal")
 
 
 def test_bidirectional_caches_are_approximate_but_close(models):

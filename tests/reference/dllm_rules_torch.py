@@ -1,0 +1,78 @@
+"""PyTorch transcriptions of the training-free dLLM commit rules, one row at one step, written from the
+papers and their authors' code (loops and dicts, not the vectorised forms pdx uses). Each is a
+`rule(row, logits [K, V] float64 with the mask token at -inf, masked [j...], step, decoded) -> {j: token}`
+for `llada_torch.decode(rule=...)`; greedy (argmax candidates).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _best(conf: dict[int, float]) -> int:
+    """The most confident position (the lowest on ties)."""
+    return min(conf, key=lambda j: (-conf[j], j))
+
+
+def localleap(tau: float, tau_relaxed: float, radius: int):
+    """LocalLeap's `get_transfer_index`: anchors are this step's masked positions with confidence >= tau;
+    every other candidate is kept if >= tau, or >= tau' within `radius` of an anchor; the best always."""
+
+    def rule(row, logits, masked, step, decoded):
+        probs = torch.softmax(logits, -1)
+        x0 = {j: int(probs[j].argmax()) for j in masked}
+        conf = {j: probs[j, x0[j]].item() for j in masked}
+        anchors = [j for j in masked if conf[j] >= tau]
+        near = {n for a in anchors for n in range(a - radius, a + radius + 1)}
+        keep = {_best(conf)}
+        for j in masked:
+            if conf[j] >= (tau_relaxed if anchors and j in near else tau):
+                keep.add(j)
+        return {j: x0[j] for j in keep}
+
+    return rule
+
+
+def cad(tau: float, max_per_step: int, eos_ratio: float, eos_ids):
+    """CD4LM's `generate_block`: EOS candidates wait until `eos_ratio` of the answer is decoded; the k
+    best of the rest commit, k = clip(#conf >= tau, 1, max_per_step); all held back: the leftmost."""
+
+    def rule(row, logits, masked, step, decoded):
+        probs = torch.softmax(logits, -1)
+        x0 = {j: int(probs[j].argmax()) for j in masked}
+        valid = [j for j in masked if not (decoded < eos_ratio and x0[j] in eos_ids)]
+        if not valid:
+            return {masked[0]: x0[masked[0]]}
+        conf = {j: probs[j, x0[j]].item() for j in valid}
+        k = min(max(sum(c >= tau for c in conf.values()), 1), max_per_step, len(valid))
+        ranked = sorted(valid, key=lambda j: (-conf[j], j))
+        return {j: x0[j] for j in ranked[:k]}
+
+    return rule
+
+
+def credit(tau: float, alpha: float, beta: float, gamma: float):
+    """CreditDecoding as dInfer's `CreditThresholdParallelDecoder`: per row, a credit table per position
+    and token, zeroed at a block's first step and decayed by beta after; each masked position's top-1 gains
+    p^gamma; commits come from the fused logits l + alpha log(1 + C) at min(tau, best - 1e-5)."""
+    tables: dict[int, torch.Tensor] = {}
+
+    def rule(row, logits, masked, step, decoded):
+        if step == 0 or row not in tables:
+            tables[row] = torch.zeros_like(logits)
+        else:
+            tables[row] *= beta
+        c = tables[row]
+        probs = torch.softmax(logits, -1)
+        for j in masked:
+            top = int(probs[j].argmax())
+            c[j, top] += probs[j, top].item() ** gamma
+        fused = torch.softmax(logits + alpha * torch.log1p(c), -1)
+        x0 = {j: int(fused[j].argmax()) for j in masked}
+        conf = {j: fused[j, x0[j]].item() for j in masked}
+        bar = min(max(conf.values()) - 1e-5, tau)
+        return {j: x0[j] for j in masked if conf[j] >= bar}
+
+    return rule
+
+
