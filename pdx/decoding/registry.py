@@ -90,6 +90,7 @@ DLLM = {
 }
 DLLM_RULE = {name: option for name, option in DLLM.items() if name != "remasking"}  # rules that read confidences
 UNIT = Option("float", gt=0, le=1)  # a probability threshold
+GAP = Option("float", ge=0)  # a logit gap
 
 
 def _causal(options: dict) -> protocol.Needs:
@@ -175,6 +176,11 @@ STRATEGIES: dict[str, Strategy] = {
                           "dLLM (CD4LM's CAD): the k tokens above a threshold, capped, no EOS before a share "
                           "is decoded", DLLM_RULE | {"threshold": UNIT, "max_per_step": Option("int", ge=1),
                                                      "eos_ratio": Option("float", ge=0, le=1)}, _dllm),
+    "prophet": Strategy("pdx.decoding.diffusion.prophet:generate",
+                        "dLLM (Prophet): LLaDA's schedule until the mean top-2 logit gap of the answer left passes "
+                        "a threshold falling with progress, then every slot at once",
+                        DLLM_RULE | {"steps": Option("int", ge=1, nullable=True), "early": GAP, "mid": GAP,
+                                     "late": GAP}, _dllm),
     "credit": Strategy("pdx.decoding.diffusion.credit:generate",
                        "dLLM (CreditDecoding): a position's steadily predicted token earns credit that raises its "
                        "probability", DLLM_RULE | {"threshold": UNIT, "alpha": Option("float", ge=0),

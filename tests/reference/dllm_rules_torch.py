@@ -1,6 +1,6 @@
 """PyTorch transcriptions of the training-free dLLM commit rules, one row at one step, written from the
 papers and their authors' code (loops and dicts, not the vectorised forms pdx uses). Each is a
-`rule(row, logits [K, V] float64 with the mask token at -inf, masked [j...], step, decoded) -> {j: token}`
+`rule(row, logits [K, V] float64 with the mask token at -inf, masked [j...], step, decoded, **ahead) -> {j: token}`
 for `llada_torch.decode(rule=...)`; greedy (argmax candidates).
 """
 
@@ -18,7 +18,7 @@ def localleap(tau: float, tau_relaxed: float, radius: int):
     """LocalLeap's `get_transfer_index`: anchors are this step's masked positions with confidence >= tau;
     every other candidate is kept if >= tau, or >= tau' within `radius` of an anchor; the best always."""
 
-    def rule(row, logits, masked, step, decoded):
+    def rule(row, logits, masked, step, decoded, **_):
         probs = torch.softmax(logits, -1)
         x0 = {j: int(probs[j].argmax()) for j in masked}
         conf = {j: probs[j, x0[j]].item() for j in masked}
@@ -37,7 +37,7 @@ def cad(tau: float, max_per_step: int, eos_ratio: float, eos_ids):
     """CD4LM's `generate_block`: EOS candidates wait until `eos_ratio` of the answer is decoded; the k
     best of the rest commit, k = clip(#conf >= tau, 1, max_per_step); all held back: the leftmost."""
 
-    def rule(row, logits, masked, step, decoded):
+    def rule(row, logits, masked, step, decoded, **_):
         probs = torch.softmax(logits, -1)
         x0 = {j: int(probs[j].argmax()) for j in masked}
         valid = [j for j in masked if not (decoded < eos_ratio and x0[j] in eos_ids)]
@@ -57,7 +57,7 @@ def credit(tau: float, alpha: float, beta: float, gamma: float):
     p^gamma; commits come from the fused logits l + alpha log(1 + C) at min(tau, best - 1e-5)."""
     tables: dict[int, torch.Tensor] = {}
 
-    def rule(row, logits, masked, step, decoded):
+    def rule(row, logits, masked, step, decoded, **_):
         if step == 0 or row not in tables:
             tables[row] = torch.zeros_like(logits)
         else:
@@ -76,3 +76,23 @@ def credit(tau: float, alpha: float, beta: float, gamma: float):
     return rule
 
 
+
+
+def prophet(block_size: int, steps_per_block: int, total_steps: int, early: float, mid: float, late: float):
+    """Prophet's `generate_earlyexit` over LLaDA's schedule: the mean top-1 minus top-2 logit gap over the
+    answer slots still masked (pdx's answer window: see prophet.py) against the stage's threshold at
+    progress (t + 1) / total_steps; past it, every such slot takes its argmax, else the schedule's top n."""
+
+    def rule(row, logits, masked, step, decoded, *, ahead_logits, ahead, t):
+        top2 = torch.topk(ahead_logits[ahead], 2, dim=-1).values
+        gap = (top2[:, 0] - top2[:, 1]).mean().item()
+        progress = (t + 1) / total_steps
+        bar = early if progress < 0.33 else mid if progress < 0.67 else late
+        if gap >= bar:
+            return {j: int(ahead_logits[j].argmax()) for j in ahead}
+        probs = torch.softmax(logits, -1)
+        conf = {j: probs[j].max().item() for j in masked}
+        n = block_size // steps_per_block + (step < block_size % steps_per_block)
+        return {j: int(probs[j].argmax()) for j in sorted(masked, key=lambda j: (-conf[j], j))[:n]}
+
+    return rule

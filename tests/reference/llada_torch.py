@@ -50,9 +50,10 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
     """mode: "schedule" (LLaDA, `steps` per block), "threshold" (knob = tau) or "factor" (knob = f).
     cfg_scale > 0: classifier-free guidance against the canvas with the prompt masked out.
     logit_shift = 1: slot i is predicted by the logits at i - 1 (Dream).
-    rule: instead of a mode, `rule(row, logits [K, V] float64, masked [j...], step, decoded) -> {j: token}`, the
-    commits of one row at one step (tests/reference/dllm_rules_torch.py); decoded is the share of the row's
-    generated slots decoded before the step."""
+    rule: instead of a mode, `rule(row, logits [K, V] float64, masked [j...], step, decoded, *, ahead_logits,
+    ahead, t) -> {j: token}`, the commits of one row at one step (tests/reference/dllm_rules_torch.py): decoded
+    is the share of the row's generated slots decoded before the step, ahead_logits [W - lo, V] the logits from
+    the block start to the end, ahead its masked slots, t the step of the whole decode; j may pass the block."""
     b, p = len(prompts), prompt_width
     w = p + gen_length
     x = torch.full((b, w), pad_id, dtype=torch.long)
@@ -70,13 +71,14 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
         lo, hi = p + blk * block_size, p + (blk + 1) * block_size
         step = 0
         while any(not done[r] and (x[r, lo:hi] == mask_id).any() for r in range(b)):
-            window = slice(lo - logit_shift, hi - logit_shift)
+            window = slice(lo - logit_shift, w - logit_shift)  # the block and every slot after it
             logits = model(x, attention_mask=attn, position_ids=positions).logits[:, window].double()
             if cfg_scale > 0:
                 uncond = torch.where(valid & (torch.arange(w) < p), mask_id, x)
                 un = model(uncond, attention_mask=attn, position_ids=positions).logits[:, window].double()
                 logits = un + (cfg_scale + 1) * (logits - un)
             logits[..., mask_id] = float("-inf")
+            ahead_logits, logits = logits, logits[:, :block_size]
             probs = torch.softmax(logits, -1)
             x0 = probs.argmax(-1)
             for r in range(b):
@@ -85,7 +87,8 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
                     continue
                 if rule is not None:
                     decoded = (x[r, p:] != mask_id).double().mean().item()
-                    commits = rule(r, logits[r], idx, step, decoded)
+                    ahead = [j for j in range(w - lo) if x[r, lo + j] == mask_id]
+                    commits = rule(r, logits[r], idx, step, decoded, ahead_logits=ahead_logits[r], ahead=ahead, t=t)
                 else:
                     conf = {j: probs[r, j, x0[r, j]].item() for j in idx}
                     ranked = sorted(idx, key=lambda j: (-conf[j], j))

@@ -62,10 +62,17 @@ class Spec:
     guidance: bool = False  # classifier-free guidance (its scale is a traced knob)
     logit_shift: int = 0  # 1 where logits at position i predict token i + 1 (Dream)
     stop: Callable = eos_stop
+    lookahead: int = 0  # slots from the block start a step reads logits of and may commit (0: the block)
 
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.block_size
+
+    @property
+    def ahead(self) -> int:
+        """A = slots from the block start whose logits a step reads: the block, or the policy's lookahead
+        (Prophet's all-in reads and commits every slot left in the answer)."""
+        return max(self.lookahead, self.block_size)
 
     @property
     def mask_mode(self) -> MaskMode:
@@ -75,9 +82,9 @@ class Spec:
     def window(self) -> int:
         """Tokens a cached pass feeds: the block, or with a prefix cache and bidirectional attention the
         block and its suffix (a fixed G tokens), which the block's queries see. Under block-causal attention
-        they see no later block, so the block alone gives the same logits."""
+        they see no later block, so the block alone gives the same logits. At least the lookahead."""
         wide = self.cache == "prefix" and self.attention == "bidirectional"
-        return (self.gen_length if wide else self.block_size) + self.logit_shift
+        return max(self.gen_length if wide else self.block_size, self.ahead) + self.logit_shift
 
     @property
     def cache_slots(self) -> int:
@@ -95,17 +102,20 @@ def _positions(cols: jax.Array, b: int) -> jax.Array:
 
 def full_pass(params, cfg, spec: Spec, x, valid, cache, start):
     """Whole canvas `x [B, W]`; with a cache, refills every slot from it (a per-block refresh: the pass
-    attends to no cached slot, so it costs what a pass without a cache does)."""
+    attends to no cached slot, so it costs what a pass without a cache does). Returns the logits of the
+    A = `spec.ahead` slots from the block start (zeros past the canvas)."""
     b, w = x.shape
     if cache is not None:
         cache = dataclasses.replace(cache, lengths=jnp.zeros((b,), jnp.int32))
     logits, cache = spec.family.forward(params, cfg, x, _positions(jnp.arange(w), b), cache, mask_mode=spec.mask_mode,
                                         valid=valid, refill=cache is not None)
-    return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.block_size, axis=1), cache
+    logits = jnp.pad(logits, ((0, 0), (0, spec.ahead - spec.block_size), (0, 0)))  # the lookahead may run past W
+    return lax.dynamic_slice_in_dim(logits, start - spec.logit_shift, spec.ahead, axis=1), cache
 
 
 def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
-    """Only the `spec.window` tokens from the current block on against the cache.
+    """Only the `spec.window` tokens from the current block on against the cache; the logits of its first
+    `spec.ahead` slots.
 
     The window starts `logit_shift` columns early so its first logits predict the block's first
     slot. Prefix mode: the window's queries see cached slots before the window. Dual mode: also the
@@ -128,7 +138,7 @@ def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
     logits, cache = spec.family.forward(params, cfg, tokens, _positions(lo + jnp.arange(n), b), cache,
                                         mask_mode=spec.mask_mode, valid=tok_valid,
                                         cache_visible=slot_valid & seen[None])
-    return logits[:, :k], cache
+    return logits[:, : spec.ahead], cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +169,10 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
     steps, steps_per_block [num_blocks], committed [B, G] (tokens committed per row per step) and
     row_nfe [B] (steps in which the row still had masks in the block: what it would cost alone)."""
     b, w = x.shape
-    p, g, k = spec.prompt_width, spec.gen_length, spec.block_size
+    p, g, k, a = spec.prompt_width, spec.gen_length, spec.block_size, spec.ahead
     mask_id = cfg.mask_token_id
     rows = 2 * b if spec.guidance else b
+    beyond = ((0, 0), (0, a - k))  # a lookahead from the last blocks runs past the canvas: padding, never masked
 
     def model_inputs(x):
         if not spec.guidance:
@@ -187,20 +198,25 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
         else:
             passes = [functools.partial(f, params, cfg, spec) for f in (cached_pass, full_pass)]
             logits, new_cache = lax.cond(c["step"] == 0, passes[1], passes[0], xin, vin, c["cache"], start)
-        logits = guided(logits)
-        block = lax.dynamic_slice_in_dim(c["x"], start, k, axis=1)  # [B, K]
-        masked = (block == mask_id) & ~c["done"][:, None]
+        logits = guided(logits)  # [B, A, V]
+        span = lax.dynamic_slice_in_dim(jnp.pad(c["x"], beyond), start, a, axis=1)  # [B, A]: the block first
+        inside = (start + jnp.arange(a) < w) & ~c["done"][:, None]
+        ahead = (span == mask_id) & inside  # [B, A] masked slots from the block start
+        masked = ahead & (jnp.arange(a) < k)  # [B, A] those of the block
         logits, x0, conf, noise = _candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
         decoded = jnp.mean(c["x"][:, p:] != mask_id, axis=1, dtype=jnp.float32)  # [B]
-        ctx = policies.StepContext(logits, x0, conf, masked, c["step"], noise, decoded)
+        ctx = policies.StepContext(logits, x0, conf, masked, c["step"], noise, decoded, ahead, c["t"])
         commit, tokens, policy_state = spec.policy.step(ctx, knobs, c["policy"])
-        commit &= masked
-        block = jnp.where(commit, tokens, block)
-        xs = lax.dynamic_update_slice_in_dim(c["x"], block, start, axis=1)
-        when = lax.dynamic_slice_in_dim(c["commit_step"], start - p, k, axis=1)
-        commit_step = lax.dynamic_update_slice_in_dim(c["commit_step"], jnp.where(commit, c["t"], when),
-                                                      start - p, axis=1)
-        done = c["done"] | spec.stop(xs[:, p:], mask_id, cfg.eos_token_ids)
+        commit &= ahead
+        span = jnp.where(commit, tokens, span)
+        xs = lax.dynamic_update_slice_in_dim(jnp.pad(c["x"], beyond), span, start, axis=1)[:, :w]
+        steps_pad = jnp.pad(c["commit_step"], beyond)
+        when = lax.dynamic_slice_in_dim(steps_pad, start - p, a, axis=1)
+        commit_step = lax.dynamic_update_slice_in_dim(steps_pad, jnp.where(commit, c["t"], when), start - p,
+                                                      axis=1)[:, :g]
+        gen = xs[:, p:]
+        done = c["done"] | spec.stop(gen, mask_id, cfg.eos_token_ids) | ~jnp.any(gen == mask_id, axis=-1)
+        block = lax.dynamic_slice_in_dim(xs, start, k, axis=1)  # [B, K]
         finished = ~jnp.any((block == mask_id) & ~done[:, None])
         return dict(
             x=xs, cache=new_cache, policy=policy_state, done=done, commit_step=commit_step,
@@ -215,7 +231,7 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
         return (c["block"] < spec.num_blocks) & ~jnp.all(c["done"]) & (c["t"] < g)
 
     zero = jnp.zeros((), jnp.int32)
-    init = dict(x=x, cache=cache, policy=spec.policy.init_state(b, k, cfg.vocab_size), done=jnp.zeros((b,), bool),
+    init = dict(x=x, cache=cache, policy=spec.policy.init_state(b, a, cfg.vocab_size), done=jnp.zeros((b,), bool),
                 commit_step=jnp.full((b, g), -1, jnp.int32),
                 committed=jnp.zeros((b, g), jnp.int32), row_nfe=jnp.zeros((b,), jnp.int32),
                 steps_per_block=jnp.zeros((spec.num_blocks,), jnp.int32),
@@ -261,12 +277,13 @@ def check_prompts(prompts, vocab_size: int, mask_id: int) -> None:
 def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, policy, remasking: str = "low_confidence",
         cache: str = "none", attention: str = "bidirectional", temperature: float = 0.0, threshold: float = 1.0,
         factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16, stop: Callable = eos_stop,
-        knobs: dict[str, float] | None = None) -> GenerationResult:
+        knobs: dict[str, float] | None = None, lookahead: int = 0) -> GenerationResult:
     """Validate, build the canvas, run the compiled loop and package a `GenerationResult`.
 
     The caller (a registered strategy) has checked that the family is a masked-diffusion LLM with
     the attention and cache extras these options need (`pdx.decoding.registry`). `knobs`: the policy's own
-    traced scalars (validated by the caller), beside temperature, threshold, factor and cfg_scale."""
+    traced scalars (validated by the caller), beside temperature, threshold, factor and cfg_scale.
+    `lookahead`: slots from the block start the policy reads and may commit (`Spec.lookahead`)."""
     cfg = model.cfg
     caps = model.family.capabilities(cfg)
     mask_id = cfg.mask_token_id
@@ -282,7 +299,7 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
     x, valid, prompt, p = build_canvas([list(q) for q in prompts], max_new_tokens, block_size, mask_id, pad_id,
                                        prompt_bucket)
     spec = Spec(model.family, p, max_new_tokens, block_size, policy, remasking, cache, attention, cfg_scale > 0,
-                shift, stop)
+                shift, stop, lookahead)
     knobs = {name: jnp.float32(v) for name, v in
              dict(temperature=temperature, threshold=threshold, factor=factor, cfg_scale=cfg_scale,
                   **(knobs or {})).items()}

@@ -1,12 +1,13 @@
 """Which masked tokens to commit in a denoising step: the plug-in point for dLLM strategies.
 
 A policy is a frozen (hashable, static under jit) dataclass with
-`init_state(batch, block, vocab) -> pytree` (what it carries across steps, in the loop's state) and
-`step(ctx: StepContext, knobs: dict, state) -> (commit bool [B, K], tokens int [B, K], state)`, given the
-step's block logits, candidate tokens and confidences; `knobs` holds the traced scalars (temperature,
-threshold, factor, ...), so changing them does not recompile. The loop ANDs `commit` with the masked
-positions of active rows and writes `tokens` there. A stateless rule subclasses `Stateless` and only
-defines `commit(ctx, knobs) -> bool [B, K]` (its tokens are the candidates).
+`init_state(batch, slots, vocab) -> pytree` (what it carries across steps, in the loop's state) and
+`step(ctx: StepContext, knobs: dict, state) -> (commit bool [B, A], tokens int [B, A], state)`, given the
+step's logits, candidate tokens and confidences over the A slots from the block start; `knobs` holds the
+traced scalars (temperature, threshold, factor, ...), so changing them does not recompile. The loop ANDs
+`commit` with the masked slots ahead (`ctx.ahead`: the block's, unless the strategy has a lookahead) and
+writes `tokens` there. A rule with no memory that commits inside the block subclasses `Stateless` and only
+defines `commit(ctx, knobs) -> bool [B, A]` (its tokens are the candidates).
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from pdx.decoding.diffusion.schedule import linear_schedule
 
 
 class StepContext(NamedTuple):
-    """What a policy sees at one denoising step (K = block size, V = vocab)."""
+    """What a policy sees at one denoising step: the A slots from the block start, A = the block size K
+    unless the strategy asks for a lookahead (`core.Spec.lookahead`); V = vocab."""
 
-    logits: jax.Array  # [B, K, V] fp32 (after classifier-free guidance; the mask token's logit -inf)
-    x0: jax.Array  # [B, K] candidate tokens (argmax, with Gumbel noise when temperature > 0)
-    confidence: jax.Array  # [B, K] score of each candidate; -inf where the position is not masked
-    masked: jax.Array  # [B, K] still-masked positions of active rows
+    logits: jax.Array  # [B, A, V] fp32 (after classifier-free guidance; the mask token's logit -inf)
+    x0: jax.Array  # [B, A] candidate tokens (argmax, with Gumbel noise when temperature > 0)
+    confidence: jax.Array  # [B, A] score of each candidate; -inf where the slot is not masked in the block
+    masked: jax.Array  # [B, A] still-masked slots of the current block, in active rows
     step: jax.Array  # scalar int32: denoising step inside the current block (0-based)
-    noise: jax.Array  # [B, K, V] the Gumbel noise x0 was drawn with, times the temperature (zeros when greedy)
+    noise: jax.Array  # [B, A, V] the Gumbel noise x0 was drawn with, times the temperature (zeros when greedy)
     decoded: jax.Array  # [B] fp32: share of the row's generated slots decoded before this step
+    ahead: jax.Array  # [B, A] still-masked slots from the block start on (the block's and later ones)
+    t: jax.Array  # scalar int32: denoising step of the whole decode (0-based)
 
 
 class Stateless:
@@ -39,7 +43,7 @@ class Stateless:
         return ()
 
     def step(self, ctx: StepContext, knobs: dict, state):
-        return self.commit(ctx, knobs), ctx.x0, state
+        return self.commit(ctx, knobs) & ctx.masked, ctx.x0, state
 
 
 def top_k_mask(confidence: jax.Array, k: jax.Array) -> jax.Array:

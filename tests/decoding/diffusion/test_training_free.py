@@ -1,4 +1,4 @@
-"""The training-free commit rules (LocalLeap, CreditDecoding, CD4LM's CAD) against their PyTorch
+"""The training-free commit rules (LocalLeap, CreditDecoding, CD4LM's CAD, Prophet) against their PyTorch
 transcriptions (tests/reference/dllm_rules_torch.py), step by step on the random tiny Llama; batch
 invariance; traced knobs; bad options refused before anything compiles."""
 
@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdx.decoding.diffusion import cd4lm, credit, fast_dllm, localleap, policies
+from pdx.decoding.diffusion import cd4lm, credit, fast_dllm, llada, localleap, policies, prophet
 from pdx.errors import InvalidInputError
 from tests.decoding.diffusion.test_interface import CompileCounter
 from tests.decoding.diffusion.tiny_llama import EOS, PROMPTS, check_against_reference
 from tests.reference import dllm_rules_torch as rules
 
 RUN = dict(max_new_tokens=16, block_size=8)
-# name -> (generate, options, reference rule): knobs where the rule departs from plain thresholding here
+# name -> (generate, options, reference rule): knobs where the rule departs from its base rule here
 CASES = {
+    "prophet": (prophet.generate, dict(early=1.0, mid=0.7, late=0.4), rules.prophet(8, 8, 16, 1.0, 0.7, 0.4)),
     "localleap": (localleap.generate, dict(threshold=0.4, relaxed_threshold=0.12, radius=2),
                   rules.localleap(0.4, 0.12, 2)),
     "cd4lm-cad": (cd4lm.generate, dict(threshold=0.15, max_per_step=2, eos_ratio=0.5),
@@ -31,11 +32,16 @@ def test_matches_torch_transcription_step_by_step(models, name):
     generate, options, rule = CASES[name]
     result = generate(model, PROMPTS, cache="none", **RUN, **options)
     check_against_reference(ref, result, rule=rule)
-    plain = fast_dllm.generate(model, PROMPTS, threshold=options["threshold"], cache="none", **RUN)
+    if name == "prophet":  # LLaDA one token per step until the all-in
+        plain = llada.generate(model, PROMPTS, steps=16, **RUN)
+        assert result.stats["nfe"] < plain.stats["nfe"] and max(map(max, result.stats["committed_per_step"])) > 8
+    else:
+        plain = fast_dllm.generate(model, PROMPTS, threshold=options["threshold"], cache="none", **RUN)
     assert not np.array_equal(result.stats["commit_step"], plain.stats["commit_step"])  # the rule acted
 
 
-@pytest.mark.parametrize("name, cache", [("localleap", "dual"), ("cd4lm-cad", "prefix"), ("credit", "dual")])
+@pytest.mark.parametrize("name, cache", [("localleap", "dual"), ("cd4lm-cad", "prefix"), ("credit", "dual"),
+                                         ("prophet", "dual")])
 def test_block_causal_caches_match_torch(models, name, cache):
     """Under block-causal attention the caches are exact, so the rules keep their reference tokens."""
     model, ref = models
@@ -69,7 +75,7 @@ def _context(x0, conf, decoded):
     x0, conf = jnp.asarray([x0], jnp.int32), jnp.asarray([conf], jnp.float32)
     masked = jnp.isfinite(conf)
     return policies.StepContext(jnp.zeros((*x0.shape, 8)), x0, conf, masked, jnp.int32(0),
-                                jnp.zeros((*x0.shape, 8)), jnp.asarray([decoded], jnp.float32))
+                                jnp.zeros((*x0.shape, 8)), jnp.asarray([decoded], jnp.float32), masked, jnp.int32(0))
 
 
 def test_cad_holds_eos_back_until_the_ratio_is_decoded():
@@ -95,8 +101,9 @@ def test_credit_builds_up_for_a_steady_prediction():
     """A position predicting the same token at 0.5 twice reaches the threshold on credit alone."""
     policy, knobs = credit.Credit(), dict(threshold=0.6, alpha=0.7, beta=0.8, gamma=0.2)
     logits = jnp.log(jnp.asarray([[[0.5, 0.3, 0.2], [0.4, 0.35, 0.25]]]))  # [1, 2, 3]
-    ctx = policies.StepContext(logits, jnp.asarray([[0, 0]]), jnp.asarray([[0.5, 0.4]]), jnp.ones((1, 2), bool),
-                               jnp.int32(0), jnp.zeros_like(logits), jnp.zeros((1,)))
+    every = jnp.ones((1, 2), bool)
+    ctx = policies.StepContext(logits, jnp.asarray([[0, 0]]), jnp.asarray([[0.5, 0.4]]), every, jnp.int32(0),
+                               jnp.zeros_like(logits), jnp.zeros((1,)), every, jnp.int32(0))
     state = policy.init_state(1, 2, 3)
     commit, tokens, state = policy.step(ctx, knobs, state)
     assert commit.tolist() == [[True, False]]  # the best one, below the threshold
@@ -134,6 +141,9 @@ def test_knobs_are_traced(models):
     ("credit", dict(gamma=0.0), "option 'gamma' must be > 0"),
     ("credit", dict(alpha=-1.0), "option 'alpha' must be >= 0"),
     ("credit", dict(threshold=1.1), "option 'threshold' must be <= 1"),
+    ("prophet", dict(early=1.0, mid=2.0), "must not rise with progress"),
+    ("prophet", dict(late=-1.0), "option 'late' must be >= 0"),
+    ("prophet", dict(steps=3), "must be a multiple of the number of blocks"),
 ])
 def test_bad_options_raise_before_compiling(models, name, bad, match):
     compiles = CompileCounter()
