@@ -1,5 +1,6 @@
 """The training-free dLLM rules side by side (issue 25): LLaDA one token per step, Fast-dLLM threshold and
-factor, LocalLeap, CD4LM's CAD, CreditDecoding and Prophet, each at its paper's defaults and one more
+factor, LocalLeap, CD4LM's CAD, CreditDecoding, AdaBlock (blocks ending at a confident EOS: the tiny task
+models have no newline) and Prophet, each at its paper's defaults and one more
 aggressive setting, on the hard synthetic tasks and the long tasks (which stand in for the code workload
 until a code dLLM ships), every setting timed in the same run. No cache (the rules' own effect on NFE;
 the caches' is in bench/dllm_eval). Accuracy: exact match or a valid answer (`tasks.solved`).
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 
-from pdx.decoding.diffusion import cd4lm, credit, fast_dllm, llada, localleap, prophet
+from pdx.decoding.diffusion import adablock, cd4lm, credit, fast_dllm, llada, localleap, prophet
 from pdx.errors import InvalidInputError
 from pdx.files import atomic_write
 from pdx.train import tasks
@@ -43,6 +44,8 @@ def strategies(block: int) -> list[tuple[str, str, object, dict]]:
             ("cad 0.8", "cd4lm-cad", cd4lm.generate, dict(threshold=0.8, **b)),
             ("credit 0.9", "credit", credit.generate, dict(**b)),
             ("credit 0.8", "credit", credit.generate, dict(threshold=0.8, **b)),
+            ("adablock 0.3", "adablock", adablock.generate, dict(**b)),
+            ("adablock 0.3, threshold 0.7", "adablock", adablock.generate, dict(threshold=0.7, **b)),
             ("prophet 7.5/5/2.5", "prophet", prophet.generate, dict(block_size=block)),
             ("prophet 4/2.5/1", "prophet", prophet.generate, dict(early=4.0, mid=2.5, late=1.0, block_size=block))]
 

@@ -181,6 +181,12 @@ STRATEGIES: dict[str, Strategy] = {
                         "a threshold falling with progress, then every slot at once",
                         DLLM_RULE | {"steps": Option("int", ge=1, nullable=True), "early": GAP, "mid": GAP,
                                      "late": GAP}, _dllm),
+    "adablock": Strategy("pdx.decoding.diffusion.adablock:generate",
+                         "dLLM (AdaBlock): each row's block ends at a confident delimiter (else a default size); "
+                         "threshold commits inside", {k: v for k, v in DLLM_RULE.items() if k != "attention"}
+                         | {"threshold": UNIT, "delimiter_threshold": Option("float", ge=0, le=1),
+                            "delimiters": Option("int_list", ge=0, nullable=True)},
+                         lambda options: _dllm(options | {"attention": "bidirectional"})),
     "credit": Strategy("pdx.decoding.diffusion.credit:generate",
                        "dLLM (CreditDecoding): a position's steadily predicted token earns credit that raises its "
                        "probability", DLLM_RULE | {"threshold": UNIT, "alpha": Option("float", ge=0),

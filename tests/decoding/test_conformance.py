@@ -100,8 +100,9 @@ EXACT = {
     "cd4lm-cad": lambda f, lay: {"block_size": 5, "threshold": 1.0, "max_per_step": 1, "eos_ratio": 0.0},
     "credit": lambda f, lay: {"block_size": 5, "threshold": 1.0, "alpha": 0.0},
     "prophet": lambda f, lay: {"block_size": 5, "early": 1e9, "mid": 1e9, "late": 1e9},
+    "adablock": lambda f, lay: {"block_size": 5, "threshold": 1.0, "delimiter_threshold": 1.0},
 }
-DLLM_STRATEGIES = ("llada", "fast-dllm", "localleap", "cd4lm-cad", "credit", "prophet")
+DLLM_STRATEGIES = ("llada", "fast-dllm", "localleap", "cd4lm-cad", "credit", "prophet", "adablock")
 
 # The support matrix as declared today: a change in a family's capabilities must show up here too.
 UNSUPPORTED = {

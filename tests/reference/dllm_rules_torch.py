@@ -96,3 +96,57 @@ def prophet(block_size: int, steps_per_block: int, total_steps: int, early: floa
         return {j: int(probs[j].argmax()) for j in sorted(masked, key=lambda j: (-conf[j], j))[:n]}
 
     return rule
+
+
+@torch.no_grad()
+def adablock_decode(model, prompts, *, prompt_width: int, gen_length: int, default_block: int, mask_id: int, eos_ids,
+                    pad_id: int, tau: float, tau_delimiter: float, delimiters):
+    """AdaBlock's `generate_adablock` (no cache), every row with its own blocks, all rows stepping together
+    on pdx's left-padded canvas: at a row's block start, the most confident delimiter candidate among the
+    next gen_length // 4 slots (the first on ties) ends the block if its confidence is >= tau_delimiter, else
+    the block is default_block slots; inside, Fast-dLLM's threshold rule. Returns (generated part, commit
+    steps, block ends [B, G] bool), as `llada_torch.decode`."""
+    from tests.reference.llada_torch import _attention_mask
+
+    b, p = len(prompts), prompt_width
+    w, scan = p + gen_length, gen_length // 4
+    x = torch.full((b, w), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, w, dtype=torch.bool)
+    for i, q in enumerate(prompts):
+        x[i, p - len(q) : p] = torch.tensor(q)
+        valid[i, p - len(q) :] = True
+    x[:, p:] = mask_id
+    attn, positions = _attention_mask(valid, "bidirectional", 1), torch.arange(w)[None].expand(b, w)
+    commit_step = torch.full((b, gen_length), -1, dtype=torch.long)
+    ends = torch.zeros((b, gen_length), dtype=torch.bool)
+    start, end, fresh, done = [p] * b, [p] * b, [True] * b, [False] * b
+    t = 0
+    while any(not done[r] and start[r] < w for r in range(b)) and t < gen_length:
+        logits = model(x, attention_mask=attn, position_ids=positions).logits.double()
+        logits[..., mask_id] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        for r in range(b):
+            if done[r] or start[r] >= w:
+                continue
+            x0 = probs[r].argmax(-1)
+            if fresh[r]:
+                found = [j for j in range(start[r], min(start[r] + scan, w)) if int(x0[j]) in delimiters]
+                conf = {j: probs[r, j, x0[j]].item() for j in found}
+                best = min(found, key=lambda j: (-conf[j], j)) if found else None
+                ok = best is not None and conf[best] >= tau_delimiter
+                end[r] = best + 1 if ok else min(start[r] + default_block, w)
+                ends[r, end[r] - 1 - p] = True
+                fresh[r] = False
+            idx = [j for j in range(start[r], end[r]) if x[r, j] == mask_id]
+            conf = {j: probs[r, j, x0[j]].item() for j in idx}
+            keep = {j for j in idx if conf[j] >= tau} | {min(idx, key=lambda j: (-conf[j], j))}
+            for j in keep:
+                x[r, j] = x0[j]
+                commit_step[r, j - p] = t
+            if all(x[r, j] != mask_id for j in range(start[r], end[r])):
+                start[r], fresh[r] = end[r], True
+            gen = x[r, p:].tolist()
+            first_mask = gen.index(mask_id) if mask_id in gen else len(gen)
+            done[r] = any(tok in eos_ids for tok in gen[:first_mask]) or first_mask == len(gen)
+        t += 1
+    return x[:, p:].numpy(), commit_step.numpy(), ends.numpy()

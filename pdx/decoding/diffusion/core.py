@@ -35,6 +35,7 @@ from pdx.masks import BIDIRECTIONAL, MaskMode
 from pdx.models import protocol
 
 CACHE_MODES = ("none", "prefix", "dual")
+OUTPUTS = ("x", "commit_step", "nfe", "steps", "committed", "row_nfe")  # what every decode program returns
 REMASKING = ("low_confidence", "random")
 ATTENTION = ("bidirectional", "block_causal")
 
@@ -145,7 +146,24 @@ def cached_pass(params, cfg, spec: Spec, x, valid, cache, start):
 # The loop.
 
 
-def _candidates(spec: Spec, logits, masked, key, knobs, mask_id: int):
+def model_inputs(spec: Spec, x, valid, prompt, mask_id: int):
+    """The rows a pass feeds: the canvas, and with classifier-free guidance also its unconditional copy
+    (prompt masked out, LLaDA's CFG) below it."""
+    if not spec.guidance:
+        return x, valid
+    unconditional = jnp.where(prompt, mask_id, x)
+    return jnp.concatenate([x, unconditional]), jnp.concatenate([valid, valid])
+
+
+def guided(spec: Spec, logits, knobs):
+    """Classifier-free guidance of a guided pass's logits (the conditional rows, then the unconditional)."""
+    if not spec.guidance:
+        return logits
+    cond, uncond = jnp.split(logits, 2)
+    return uncond + (knobs["cfg_scale"] + 1.0) * (cond - uncond)
+
+
+def candidates(spec: Spec, logits, masked, key, knobs, mask_id: int):
     """The logits without the mask token `[B, K, V]`, candidate tokens `[B, K]` (Gumbel-max sampling at
     `temperature`, argmax at 0), confidences and the temperature-scaled noise `[B, K, V]`.
 
@@ -174,36 +192,24 @@ def decode(params, x, valid, prompt, key, knobs, *, cfg, spec: Spec):
     rows = 2 * b if spec.guidance else b
     beyond = ((0, 0), (0, a - k))  # a lookahead from the last blocks runs past the canvas: padding, never masked
 
-    def model_inputs(x):
-        if not spec.guidance:
-            return x, valid
-        unconditional = jnp.where(prompt, mask_id, x)  # prompt masked out (LLaDA's CFG)
-        return jnp.concatenate([x, unconditional]), jnp.concatenate([valid, valid])
-
-    def guided(logits):
-        if not spec.guidance:
-            return logits
-        cond, uncond = jnp.split(logits, 2)
-        return uncond + (knobs["cfg_scale"] + 1.0) * (cond - uncond)
-
     cache = None
     if spec.cache != "none":
         cache = protocol.new_cache(spec.family, params, cfg, rows, spec.cache_slots, params["embed"].dtype)
 
     def body(c):
         start = p + c["block"] * k
-        xin, vin = model_inputs(c["x"])
+        xin, vin = model_inputs(spec, c["x"], valid, prompt, mask_id)
         if cache is None:
             logits, new_cache = full_pass(params, cfg, spec, xin, vin, None, start)
         else:
             passes = [functools.partial(f, params, cfg, spec) for f in (cached_pass, full_pass)]
             logits, new_cache = lax.cond(c["step"] == 0, passes[1], passes[0], xin, vin, c["cache"], start)
-        logits = guided(logits)  # [B, A, V]
+        logits = guided(spec, logits, knobs)  # [B, A, V]
         span = lax.dynamic_slice_in_dim(jnp.pad(c["x"], beyond), start, a, axis=1)  # [B, A]: the block first
         inside = (start + jnp.arange(a) < w) & ~c["done"][:, None]
         ahead = (span == mask_id) & inside  # [B, A] masked slots from the block start
         masked = ahead & (jnp.arange(a) < k)  # [B, A] those of the block
-        logits, x0, conf, noise = _candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
+        logits, x0, conf, noise = candidates(spec, logits, masked, jax.random.fold_in(key, c["t"]), knobs, mask_id)
         decoded = jnp.mean(c["x"][:, p:] != mask_id, axis=1, dtype=jnp.float32)  # [B]
         ctx = policies.StepContext(logits, x0, conf, masked, c["step"], noise, decoded, ahead, c["t"])
         commit, tokens, policy_state = spec.policy.step(ctx, knobs, c["policy"])
@@ -277,13 +283,15 @@ def check_prompts(prompts, vocab_size: int, mask_id: int) -> None:
 def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, policy, remasking: str = "low_confidence",
         cache: str = "none", attention: str = "bidirectional", temperature: float = 0.0, threshold: float = 1.0,
         factor: float = 1.0, cfg_scale: float = 0.0, prompt_bucket: int = 16, stop: Callable = eos_stop,
-        knobs: dict[str, float] | None = None, lookahead: int = 0) -> GenerationResult:
+        knobs: dict[str, float] | None = None, lookahead: int = 0, program: Callable | None = None) -> GenerationResult:
     """Validate, build the canvas, run the compiled loop and package a `GenerationResult`.
 
     The caller (a registered strategy) has checked that the family is a masked-diffusion LLM with
     the attention and cache extras these options need (`pdx.decoding.registry`). `knobs`: the policy's own
     traced scalars (validated by the caller), beside temperature, threshold, factor and cfg_scale.
-    `lookahead`: slots from the block start the policy reads and may commit (`Spec.lookahead`)."""
+    `lookahead`: slots from the block start the policy reads and may commit (`Spec.lookahead`). `program`: the
+    jitted loop (default `decode`; AdaBlock's row-wise blocks bring their own, with the same signature and
+    outputs, `steps_per_block` aside, plus any extra stats)."""
     cfg = model.cfg
     caps = model.family.capabilities(cfg)
     mask_id = cfg.mask_token_id
@@ -305,15 +313,16 @@ def run(model, prompts, *, max_new_tokens: int, seed: int, block_size: int, poli
                   **(knobs or {})).items()}
     args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(prompt), jax.random.PRNGKey(seed), knobs)
     t0 = time.perf_counter()
-    out, compile_s = compiled.run(decode, {"cfg": cfg, "spec": spec}, model.params, *args)
+    out, compile_s = compiled.run(program or decode, {"cfg": cfg, "spec": spec}, model.params, *args)
     out = jax.device_get(out)
     decode_s = time.perf_counter() - t0 - compile_s
     gen = out["x"][:, p:]
     tokens, lengths = finish_rows(gen, mask_id, cfg.eos_token_ids, pad_id)
     steps = int(out["steps"])
     committed = out["committed"][:, :steps]
-    stats = dict(forward_passes=int(out["nfe"]), nfe=int(out["nfe"]), steps=steps,
-                 steps_per_block=out["steps_per_block"].tolist(), committed_per_step=committed.tolist(),
+    extra = {key: value.tolist() for key, value in out.items() if key not in OUTPUTS}  # e.g. steps_per_block
+    stats = dict(forward_passes=int(out["nfe"]), nfe=int(out["nfe"]), steps=steps, **extra,
+                 committed_per_step=committed.tolist(),
                  row_nfe=out["row_nfe"].tolist(),
                  tokens_per_step=float(committed.sum() / max(out["row_nfe"].sum(), 1)),
                  commit_step=out["commit_step"], compile_s=compile_s, decode_s=decode_s)
