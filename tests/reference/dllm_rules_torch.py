@@ -106,16 +106,11 @@ def adablock_decode(model, prompts, *, prompt_width: int, gen_length: int, defau
     next gen_length // 4 slots (the first on ties) ends the block if its confidence is >= tau_delimiter, else
     the block is default_block slots; inside, Fast-dLLM's threshold rule. Returns (generated part, commit
     steps, block ends [B, G] bool), as `llada_torch.decode`."""
-    from tests.reference.llada_torch import _attention_mask
+    from tests.reference.llada_torch import _attention_mask, canvas
 
     b, p = len(prompts), prompt_width
     w, scan = p + gen_length, gen_length // 4
-    x = torch.full((b, w), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, w, dtype=torch.bool)
-    for i, q in enumerate(prompts):
-        x[i, p - len(q) : p] = torch.tensor(q)
-        valid[i, p - len(q) :] = True
-    x[:, p:] = mask_id
+    x, valid = canvas(prompts, prompt_width, gen_length, mask_id, pad_id)
     attn, positions = _attention_mask(valid, "bidirectional", 1), torch.arange(w)[None].expand(b, w)
     commit_step = torch.full((b, gen_length), -1, dtype=torch.long)
     ends = torch.zeros((b, gen_length), dtype=torch.bool)

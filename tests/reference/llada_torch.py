@@ -31,6 +31,18 @@ def _attention_mask(valid: torch.Tensor, attention: str, block_size: int) -> tor
     return mask[:, None]
 
 
+def canvas(prompts, prompt_width: int, gen_length: int, mask_id: int, pad_id: int):
+    """pdx's canvas: `[left padding | prompt | gen_length masks]` tokens and valid columns, `[B, W]` each."""
+    p, w = prompt_width, prompt_width + gen_length
+    x = torch.full((len(prompts), w), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), w, dtype=torch.bool)
+    for i, q in enumerate(prompts):
+        x[i, p - len(q) : p] = torch.tensor(q)
+        valid[i, p - len(q) :] = True
+    x[:, p:] = mask_id
+    return x, valid
+
+
 def _count(conf: list[float], masked: int, step: int, mode: str, steps: int, block_size: int, knob: float) -> int:
     """How many of the sorted (descending) masked confidences to commit this step."""
     if mode == "schedule":
@@ -56,12 +68,7 @@ def decode(model, prompts, *, prompt_width: int, gen_length: int, block_size: in
     the block start to the end, ahead its masked slots, t the step of the whole decode; j may pass the block."""
     b, p = len(prompts), prompt_width
     w = p + gen_length
-    x = torch.full((b, w), pad_id, dtype=torch.long)
-    valid = torch.zeros(b, w, dtype=torch.bool)
-    for i, q in enumerate(prompts):
-        x[i, p - len(q) : p] = torch.tensor(q)
-        valid[i, p - len(q) :] = True
-    x[:, p:] = mask_id
+    x, valid = canvas(prompts, prompt_width, gen_length, mask_id, pad_id)
     attn = _attention_mask(valid, attention, block_size)
     positions = torch.arange(w)[None].expand(b, w)
     commit_step = torch.full((b, gen_length), -1, dtype=torch.long)
