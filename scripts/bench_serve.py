@@ -4,8 +4,9 @@ client, SARATHI on and off, beside pdx's AR engine on the same prompts.
 - load: C concurrent clients (--concurrency, default 1 4 16 64), each streaming HumanEval prompts one
   after another (--requests per level, --max-tokens each): requests/s, output tokens/s, p50/p99 time to
   first token (TTFT) and inter-token latency (ITL, between streamed chunks).
-- long prompts during decoding: --batch - 1 clients decode short prompts while one client sends long
-  prompts (HumanEval prompts joined to about --long-tokens tokens): p50/p99 TTFT and ITL of everyone.
+- long prompts during decoding: --batch - 1 clients send short prompts one after another (4 each) while,
+  from --long-delay seconds in, one client sends two long prompts (HumanEval prompts joined to about
+  --long-tokens tokens): p50/p99 TTFT of the short requests and of the long ones, and ITL of everyone.
 - baselines (server stopped): `ar.generate` one prompt at a time (a bs1 loop) and --batch prompts at
   once (a static batch), output tokens/s, compilation excluded.
 
@@ -87,23 +88,26 @@ def one_request(client, prompt: str, max_tokens: int) -> dict:
     return {"start": t0, "times": times, "tokens": tokens}
 
 
-def drive(base: str, prompts_per_client: list[list[str]], max_tokens: int) -> tuple[list[dict], float]:
-    """Every client sends its prompts one after another, all clients at once; (records, wall seconds)."""
+def drive(base: str, prompts_per_client: list[list[str]], max_tokens: int,
+          delays: list[float] | None = None) -> tuple[list[dict], float]:
+    """Every client sends its prompts one after another, all clients at once (client j after delays[j]
+    seconds); (records tagged with their client, wall seconds)."""
     import openai
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=3600)
     records, errors, lock = [], [], threading.Lock()
 
-    def worker(prompts):
+    def worker(j, prompts):
         try:
+            time.sleep(delays[j] if delays else 0.0)
             for p in prompts:
-                r = one_request(client, p, max_tokens)
+                r = one_request(client, p, max_tokens) | {"client": j}
                 with lock:
                     records.append(r)
         except Exception as e:  # noqa: BLE001  re-raised below: a failed request fails the benchmark
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(ps,)) for ps in prompts_per_client]
+    threads = [threading.Thread(target=worker, args=(j, ps)) for j, ps in enumerate(prompts_per_client)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -114,14 +118,28 @@ def drive(base: str, prompts_per_client: list[list[str]], max_tokens: int) -> tu
     return records, time.perf_counter() - t0
 
 
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def _ttft(records: list[dict]) -> list[float]:
+    return [r["times"][0] - r["start"] for r in records if r["times"]]
+
+
 def summarize(records: list[dict], wall: float) -> dict:
-    ttft = [r["times"][0] - r["start"] for r in records if r["times"]]
+    ttft = _ttft(records)
     itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:])]
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
     return {"requests": len(records), "wall_s": wall, "requests_per_s": len(records) / wall,
             "output_tokens_per_s": sum(r["tokens"] for r in records) / wall,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_s": pct(itl, 50),
-            "itl_p99_s": pct(itl, 99)}
+            "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "itl_p50_s": _pct(itl, 50),
+            "itl_p99_s": _pct(itl, 99)}
+
+
+def summarize_long(records: list[dict], wall: float, long_client: int) -> dict:
+    """`summarize`, plus the TTFT of the short requests and of the long ones apart."""
+    short, long = ([r for r in records if (r["client"] == long_client) == is_long] for is_long in (False, True))
+    return summarize(records, wall) | {f"ttft_{kind}_{q}_s": _pct(_ttft(group), int(q[1:]))
+                                       for kind, group in (("short", short), ("long", long)) for q in ("p50", "p99")}
 
 
 def warm_up(base: str, long_prompt: str) -> None:
@@ -178,8 +196,13 @@ def markdown(results: dict) -> str:
                              s["ttft_p50_s"], s["ttft_p99_s"], s["itl_p50_s"], s["itl_p99_s"]])
     table = benchutil.markdown_table(["scenario", "mode", "clients", "requests", "req/s", "output tok/s",
                                       "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s"], rows)
+    long = benchutil.markdown_table(
+        ["mode", "TTFT short p50 s", "TTFT short p99 s", "TTFT long p50 s", "TTFT long p99 s"],
+        [[mode] + [s[f"ttft_{k}_{q}_s"] for k in ("short", "long") for q in ("p50", "p99")]
+         for mode, levels in results["long_prompts"].items() for s in levels.values()])
     base = "\n".join(f"- {k}: {v:.1f}" for k, v in results["baselines"].items())
-    return (f"# pdx serve\n\n{results['setup']}\n\n{table}\nBaselines (pdx AR engine, same prompts):\n{base}\n\n"
+    return (f"# pdx serve\n\n{results['setup']}\n\n{table}\nLong prompts arriving during decoding, by request kind:\n\n"
+            f"{long}\nBaselines (pdx AR engine, same prompts):\n{base}\n\n"
             f"Load average before / after: {results['load_before']} / {results['load_after']}\n")
 
 
@@ -193,6 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--long-tokens", type=int, default=1500, help="about this many tokens per long prompt")
+    ap.add_argument("--long-delay", type=float, default=2.0, help="seconds before the long prompts start")
     ap.add_argument("--out", default="bench")
     args = ap.parse_args(argv)
     prompts = humaneval_prompts(164)
@@ -209,9 +233,10 @@ def main(argv=None) -> int:
                 per_client = [[prompts[(i * c + j) % len(prompts)] for i in range(n // c)] for j in range(c)]
                 results["load"][mode][str(c)] = summarize(*drive(base, per_client, args.max_tokens))
                 print(mode, c, results["load"][mode][str(c)], flush=True)
-            decoders = [[prompts[j]] * 2 for j in range(args.batch - 1)]
-            results["long_prompts"][mode] = {str(args.batch): summarize(*drive(base, decoders + [[long_prompt] * 2],
-                                                                              args.max_tokens * 2))}
+            shorts = [[prompts[(4 * j + i) % len(prompts)] for i in range(4)] for j in range(args.batch - 1)]
+            records, wall = drive(base, shorts + [[long_prompt] * 2], args.max_tokens,
+                                  [0.0] * len(shorts) + [args.long_delay])
+            results["long_prompts"][mode] = {str(args.batch): summarize_long(records, wall, len(shorts))}
             print(mode, "long", results["long_prompts"][mode], flush=True)
     results["baselines"] = baselines(args, prompts)
     results["load_after"] = os.getloadavg()

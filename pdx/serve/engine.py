@@ -12,8 +12,9 @@ Design:
   piggybacks on the decodes, so no decode stalls behind a long prompt), c the smallest of the `widths`
   (chunk, chunk/2, chunk/4, chunk/8, at least 16) that holds the pending prompt tokens, so a short
   prompt's step does not pay for a whole chunk (on CPU a step's cost grows with its columns); otherwise
-  the AR engine's batched one-token decode step over the B slots. With `sarathi=False` a pending prompt is prefilled
-  first, in chunks that carry no decodes (decodes wait: the baseline SARATHI fixes).
+  the AR engine's batched one-token decode step over the B slots. Prompt chunks go shortest remaining
+  prompt first. With `sarathi=False` a pending prompt is prefilled first, in chunks that carry no decodes
+  (decodes wait: the baseline SARATHI fixes), first come first served.
 - **Per-request knobs, traced**: temperature, top-k, top-p and the seed are `[B]` arrays of the step;
   a request's k-th token is drawn with `fold_in(PRNGKey(seed), k)`, so its sampled output does not
   depend on what else runs beside it. Stop tokens, stop strings and max_tokens are checked on the host
@@ -204,7 +205,7 @@ class Engine:
         """The next step's columns (tokens, positions, rows) and the requests expecting a token: `[B, 1]`
         (slot b's newest token in row b) when no prompt is pending, else `[1, B + c]` packed: the decode
         tokens, then up to c prompt tokens (a short prompt behind a long one's last chunk rides along), c the
-        smallest of `widths` holding every pending prompt token (or the chunk)."""
+        smallest of `widths` holding every pending prompt token (or the chunk); prompts in `_prompt_order`."""
         prefilling = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt)]
         if prefilling and not self.sarathi:
@@ -222,8 +223,8 @@ class Engine:
         for col, r in enumerate(decoding):  # the newest token of each running request
             tokens[0, col], positions[0, col], rows[0, col] = *_newest(r), r.slot
         col, expecting = len(decoding), list(decoding)
-        for r in sorted(prefilling, key=lambda r: r.arrived):  # prompt chunks, earliest arrival first, up to
-            n = min(len(r.prompt) - r.prefilled, budget - (col - len(decoding)))  # `budget` tokens in all
+        for r in sorted(prefilling, key=self._prompt_order):  # prompt chunks, up to `budget` tokens in all
+            n = min(len(r.prompt) - r.prefilled, budget - (col - len(decoding)))
             if n <= 0:
                 break
             tokens[0, col:col + n] = r.prompt[r.prefilled:r.prefilled + n]
@@ -233,6 +234,12 @@ class Engine:
             if r.prefilled == len(r.prompt):
                 expecting.append(r)
         return tokens, positions, rows, expecting
+
+    def _prompt_order(self, r: Request):
+        """SARATHI: shortest remaining prompt first (chunking makes a long prefill preemptible, so a short
+        prompt arriving behind it is not held up by all of it); the baseline: first come, first served, as a
+        scheduler without chunked prefill runs each prefill to its end."""
+        return (len(r.prompt) - r.prefilled, r.arrived) if self.sarathi else (r.arrived,)
 
     def _knobs(self):
         slots = self.slots

@@ -71,6 +71,26 @@ def test_mixed_step_width_fits_the_pending_prompts(model, monkeypatch):
     assert widths[3:] == [(1, 4 + 64)] + [(4, 1)] * (len(widths) - 4)
 
 
+@pytest.mark.parametrize("sarathi", [True, False])
+def test_a_short_prompt_overtakes_a_long_prefill_only_with_sarathi(model, sarathi):
+    engine = eng.Engine(model, max_batch=4, max_len=256, chunk=16, sarathi=sarathi)
+    long, short = _request(range(1, 101), 2, []), _request([5, 6, 7], 2, [])
+    engine.submit(long)
+    engine.step()  # the long prompt's first 16 tokens
+    engine.submit(short)
+    steps = 0
+    while not short.tokens:
+        engine.step()
+        steps += 1
+    # SARATHI packs the short prompt first (shortest remaining), beside the long one's next chunk; the baseline
+    # finishes the long prefill first, as a scheduler without chunked prefill would: 84 more tokens, the short
+    # prompt riding in the last chunk's spare room
+    assert (steps, long.tokens == []) == ((1, True) if sarathi else (6, False))
+    _drain(engine)
+    for r in (long, short):
+        assert r.tokens == ar.generate(model, [r.prompt], max_new_tokens=2, stop_token_ids=[]).row(0)
+
+
 def test_compile_all_leaves_nothing_to_compile(model):
     engine = eng.Engine(model, max_batch=3, max_len=128, chunk=32)
     engine.compile_all()
