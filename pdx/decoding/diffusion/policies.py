@@ -29,7 +29,7 @@ class StepContext(NamedTuple):
     x0: jax.Array  # [B, A] candidate tokens (argmax, with Gumbel noise when temperature > 0)
     confidence: jax.Array  # [B, A] score of each candidate; -inf where the slot is not masked in the block
     masked: jax.Array  # [B, A] still-masked slots of the current block, in active rows
-    step: jax.Array  # scalar int32: denoising step inside the current block (0-based)
+    step: jax.Array  # int32 denoising step inside the current block (0-based): scalar, or [B] where blocks are per row
     noise: jax.Array  # [B, A, V] the Gumbel noise x0 was drawn with, times the temperature (zeros when greedy)
     decoded: jax.Array  # [B] fp32: share of the row's generated slots decoded before this step
     ahead: jax.Array  # [B, A] still-masked slots from the block start on (the block's and later ones)
