@@ -7,6 +7,7 @@ Writes bench/spec.{json,md}.
 Usage: python scripts/bench_spec.py [--prompts 40] [--max-new-tokens 256] [--batch 1 4] [--only NAME ...]
        [--draft PATH]   (spec-draft needs a second model sharing SmolLM2's vocabulary; skipped without one)
        [--heads PATH]   (spec-medusa: Medusa heads, default the shipped ones; skipped when none ship)
+       [--clover PATH]  (spec-clover: Clover heads, default the shipped ones; skipped when none ship)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from pdx import benchutil
 from pdx.decoding import ar
-from pdx.decoding.speculative import drafters, engine, medusa, ngram
+from pdx.decoding.speculative import clover, drafters, engine, medusa, ngram
 from pdx.model import load_model
 
 
@@ -50,18 +51,32 @@ def strategies(model, args) -> dict:
     if args.heads or os.path.isdir(medusa.DEFAULT_HEADS):
         heads = medusa.load(model, args.heads)
         out[f"spec-medusa {heads.tree.size}-node tree"] = (heads, False)
+    if args.clover or os.path.isdir(clover.DEFAULT_HEADS):
+        heads = clover.load(model, args.clover)
+        out[f"spec-clover {heads.tree.size}-node tree"] = (heads, False)
     if args.only:
         out = {k: v for k, v in out.items() if any(o in k for o in args.only)}
     return out
 
 
-def draft_seconds(model, drafter: medusa.Medusa, batch: int, repeats: int = 50) -> float:
-    """Seconds per pass of the Medusa heads' own work (every head's logits over the subset, top-k, the
-    tree's tokens) at `batch` rows: the draft cost a verify pass carries."""
+def draft_seconds(model, drafter, batch: int, repeats: int = 50, slots: int = 512) -> float:
+    """Seconds per pass of a head drafter's own work at `batch` rows: the draft cost a verify pass carries.
+    Medusa: every head's logits over the subset, top-k, the tree's tokens; Clover: the augmenting block
+    over a full path of pending rows (its cache `slots` long), then the tree depth by depth."""
     arrays = drafter.arrays(model)
-    state = medusa.HeadState(hidden=jnp.ones((batch, arrays["out_rows"].shape[1]), jnp.float32),
-                             ready=jnp.ones((batch,), bool))
-    propose = jax.jit(lambda a, s: drafter.propose(a, s, None, None, None, None)[0])
+    dim = arrays["out_rows"].shape[1]
+    if isinstance(drafter, clover.Clover):
+        geo = drafter.geometry
+        shape = (batch, geo.num_kv_heads, slots, geo.head_dim)
+        state = clover.CloverState(kv=tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(geo.num_layers)),
+                                   pending=jnp.ones((batch, drafter.k + 1, dim), jnp.float32),
+                                   start=jnp.full((batch,), slots // 2, jnp.int32),
+                                   count=jnp.full((batch,), drafter.k + 1, jnp.int32))
+        hist = jnp.ones((batch, slots), jnp.int32)
+    else:
+        state = medusa.HeadState(hidden=jnp.ones((batch, dim), jnp.float32), ready=jnp.ones((batch,), bool))
+        hist = None
+    propose = jax.jit(lambda a, s: drafter.propose(a, s, hist, None, None, None)[0])
     jax.block_until_ready(propose(arrays, state))
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -107,7 +122,7 @@ def bench_batch(model, prompts, batch, args, strats) -> dict:
             "tokens_per_pass": (tokens - len(rows)) / max(row_passes, 1),
             "acceptance_by_position": [a / p if p else 0.0 for a, p in zip(acc, prop)],
             "target_passes": sum(s["target_passes"] for s in stats), "wall_s": time.perf_counter() - t0}
-        if isinstance(drafter, medusa.Medusa):
+        if isinstance(drafter, (medusa.Medusa, clover.Clover)):
             results[name]["draft_ms_per_pass"] = 1e3 * draft_seconds(model, drafter, batch)
             results[name]["pass_ms"] = 1e3 * secs / max(sum(s["target_passes"] for s in stats), 1)
         print(f"bs{batch} {name}: {results[name]['speedup']:.2f}x, {results[name]['tokens_per_pass']:.2f} tok/pass, "
@@ -123,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", help="run only strategies whose name contains one of these")
     parser.add_argument("--draft", help="a second model (same vocabulary) for spec-draft; skipped without it")
     parser.add_argument("--heads", help="Medusa heads for spec-medusa (default: the shipped ones, if any)")
+    parser.add_argument("--clover", help="Clover heads for spec-clover (default: the shipped ones, if any)")
     parser.add_argument("--paired", action="store_true",
                         help="re-time AR right after each strategy and use it as that strategy's baseline (noisy "
                              "shared machines)")

@@ -1,13 +1,19 @@
-"""Train Medusa draft heads for SmolLM2-135M-Instruct on its own continuations (`make_draft_data.py`).
+"""Train Medusa or Clover-2 draft heads for SmolLM2-135M-Instruct on its own continuations (`make_draft_data.py`).
 
-Steps: featurize the data once with the frozen target (cached in `--state`/features.npz), pick the
-vocabulary subset covering `--coverage` of the training targets, train the heads (resumable: the
-training state lives in `--state`/medusa), measure each head's top-k accuracy on the held-out
-sequences, build Medusa's greedy sparse tree of `--tree-size` nodes from it, and write the heads
-(bf16, with the subset and the tree) to the shipped checkpoint. The loss curve goes to
-bench/draft_heads_loss.png, the accuracies and the recipe to bench/draft_heads.json.
+Medusa (`--drafter medusa`, the default) steps: featurize the data once with the frozen target
+(cached in `--state`/features.npz), pick the vocabulary subset covering `--coverage` of the training
+targets, train the heads (resumable: the training state lives in `--state`/medusa), measure each
+head's top-k accuracy on the held-out sequences, build Medusa's greedy sparse tree of `--tree-size`
+nodes from it, and write the heads (bf16, with the subset and the tree) to the shipped checkpoint.
+The loss curve goes to bench/draft_heads_loss.png, the accuracies and the recipe to
+bench/draft_heads.json.
 
-    nice -n 10 python scripts/train_draft_heads.py [--steps 1500] [--tree-size 15]
+Clover (`--drafter clover`, `pdx.train.clover_heads`): the same steps over whole sequences (the
+target's hidden state at every position, cached in `--state`/clover_features.npz), the KD loss, the
+training state in `--state`/clover, the tree from the heads' teacher-forced held-out accuracies;
+bench/clover_heads{.json,_loss.png}.
+
+    nice -n 10 python scripts/train_draft_heads.py [--drafter medusa|clover] [--steps 1500] [--tree-size 15]
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdx.decoding.speculative import head_checkpoint, medusa
+from pdx.decoding.speculative import clover, head_checkpoint, medusa
 from pdx.files import atomic_write
 from pdx.model import load_model
+from pdx.train import clover_heads as ch
 from pdx.train import diffusion, loop
 from pdx.train import draft_heads as dh
 
@@ -54,21 +61,86 @@ def features(model, data: str, state: str, num_heads: int) -> dict:
     return out
 
 
+def sequence_features(model, data: str, state: str) -> dict:
+    """{train,heldout}_{hidden,tokens,offsets,prompt_lens} (`clover_heads.featurize`) and `seconds`,
+    cached after the first run."""
+    path = os.path.join(state, "clover_features.npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            return dict(z)
+    t0, out = time.time(), {}
+    for kind in ("train", "heldout"):
+        seqs = dh.read_shards(data, kind)
+        if not seqs:
+            raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
+        out |= {f"{kind}_{k}": v for k, v in ch.featurize(model, seqs).items()}
+    out["seconds"] = np.float64(time.time() - t0)
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    os.makedirs(state, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+    return out
+
+
+def main_clover(model, args) -> int:
+    feats = sequence_features(model, args.data, args.state)
+    data = {kind: {k: feats[f"{kind}_{k}"] for k in ("hidden", "tokens", "offsets", "prompt_lens")}
+            for kind in ("train", "heldout")}
+    tc = ch.TrainConfig(num_heads=args.heads or 5, steps=args.steps, batch=args.batch or 8, window=args.window,
+                        lr=args.lr, coverage=args.coverage)
+    geo = clover.Geometry.of(model.cfg)
+    vocab = dh.vocab_subset(ch.targets(data["train"], tc.num_heads), tc.coverage)
+    out_rows = np.asarray(model.family.lm_head_rows(model.params, model.cfg, jnp.asarray(vocab)))
+    embed = ch.embed_table(model)
+    print(f"{len(data['train']['prompt_lens'])} training sequences ({len(data['train']['tokens'])} positions), "
+          f"{len(data['heldout']['prompt_lens'])} held-out; vocabulary subset {len(vocab)} of "
+          f"{model.cfg.vocab_size} tokens covers {tc.coverage:.0%} of targets", flush=True)
+    heads, losses = ch.train(ch.init_for(model, geo, tc.seed), geo, out_rows, embed, data["train"], tc,
+                             checkpoint_dir=os.path.join(args.state, "clover"), save_every=args.save_every)
+    train_s = loop.read_progress(os.path.join(args.state, "clover"))["elapsed_s"]
+    shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
+    as_run = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped)
+    acc, heldout_loss = ch.evaluate(as_run, geo, out_rows, vocab, embed, data["heldout"], tc, progress=True)
+    paths, expected = dh.sparse_tree(acc, args.tree_size)
+    recipe = json.load(open(os.path.join(args.data, "recipe.json")))
+    meta = {"tree": paths, "geometry": dataclasses.asdict(geo), "expected_accepted_per_pass": round(expected, 3),
+            "heldout_topk_accuracy": np.round(acc, 4).tolist(), "heldout_loss": round(heldout_loss, 4),
+            "vocab_subset": len(vocab), "train": dataclasses.asdict(tc),
+            "data": {k: v for k, v in recipe.items() if k != "args"}}
+    head_checkpoint.save(args.out or clover.DEFAULT_HEADS, clover.KIND, {"heads": shipped, "vocab": vocab}, model,
+                         meta)
+    os.makedirs(args.bench, exist_ok=True)
+    report = {**meta, "features_s": round(float(feats.get("seconds", np.nan)), 1), "train_s": round(train_s, 1),
+              "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
+              "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
+    atomic_write(os.path.join(args.bench, "clover_heads.json"), json.dumps(report))
+    diffusion.plot_losses({"clover": np.asarray(losses)}, os.path.join(args.bench, "clover_heads_loss.png"),
+                          title="Clover-2 heads on SmolLM2-135M-Instruct",
+                          ylabel=f"KD loss (SmoothL1 x {tc.regression_weight:g} + soft CE, heads x {tc.decay}^i)")
+    print(json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--drafter", choices=("medusa", "clover"), default="medusa")
     ap.add_argument("--data", default="runs/draft_data")
     ap.add_argument("--state", default="runs/draft_heads")
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=None, help="heads (tree depths trained): medusa 4, clover 5")
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=None, help="per step: medusa 1024 rows, clover 8 windows")
+    ap.add_argument("--window", type=int, default=512, help="clover: positions per training window")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--coverage", type=float, default=0.99)
     ap.add_argument("--tree-size", type=int, default=15, help="nodes of the sparse tree (a pass scores one more)")
     ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--out", default=medusa.DEFAULT_HEADS)
+    ap.add_argument("--out", default=None, help="checkpoint (default: the shipped one of the drafter)")
     ap.add_argument("--bench", default="bench")
     args = ap.parse_args(argv)
     model = load_model()
+    if args.drafter == "clover":
+        return main_clover(model, args)
+    args.heads, args.batch, args.out = args.heads or 4, args.batch or 1024, args.out or medusa.DEFAULT_HEADS
     data = features(model, args.data, args.state, args.heads)
     tc = dh.TrainConfig(num_heads=args.heads, steps=args.steps, batch=args.batch, lr=args.lr, coverage=args.coverage)
     vocab = dh.vocab_subset(data["train_targets"], tc.coverage)

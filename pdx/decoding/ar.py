@@ -39,6 +39,7 @@ from pdx.decoding.sampling import SamplingParams, check_token_ids, choose
 from pdx.errors import InvalidInputError, require
 from pdx.kernels_pallas import attend
 from pdx.models import protocol
+from pdx.models.layers import last_valid
 
 MAX_STOP_IDS = 8  # stop ids are a fixed-size traced array, padded with -1
 SLOT_BUCKET = 256
@@ -153,16 +154,20 @@ def stop_array(stop_token_ids) -> jax.Array:
     return jnp.asarray(ids + [-1] * (MAX_STOP_IDS - len(ids)), jnp.int32)
 
 
-def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
+def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens, keep_hidden: bool = False):
     """A fresh cache holding the prompts, and the logits `[B, V]` after each row's last prompt token.
 
     Runs `prefill_chunk` tokens at a time with a traced trip count (the longest prompt's chunks), or
     one pass outside any loop when the plan is `single_pass`: XLA CPU ran a one-chunk loop 1.3x slower
     than the same forward unlooped (SmolLM2 bf16, 128 tokens: 0.155 vs 0.118 s); a `packed` plan's one
     pass runs every prompt end to end in a single sequence (`forward(..., cache_rows=)`).
+    keep_hidden (static; a family with `hidden_states`, a plan that is not packed): also return the final
+    hidden states `[B, S, D]` (fp32) at every prompt position, from the same passes split at the LM head
+    (a drafter with layers of its own, Clover's augmenting block, prefills them from these).
     """
     b, c = plan.batch, plan.prefill_chunk
     cache = protocol.new_cache(family, params, cfg, b, plan.slots, jnp.float32)
+    require(not (keep_hidden and plan.packed), "a packed prefill keeps no per-row hidden states")
     if plan.packed:
         tokens, positions, rows = _pack(prompt_buf, prompt_lens, c)
         logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=rows >= 0, cache_rows=rows,
@@ -170,7 +175,7 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
         return cache, logits[:, 0], jnp.int32(1)
 
     def chunk(i, carry):
-        cache, last_logits = carry
+        cache, last_logits, *hidden = carry  # hidden: [] or [[B, S, D]]
         start = i * c
         tokens = lax.dynamic_slice_in_dim(prompt_buf, start, c, axis=1)  # [B, C]
         positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
@@ -179,17 +184,24 @@ def prefill_cache(family, params, cfg, plan: Plan, prompt_buf, prompt_lens):
         here = (last >= 0) & (last < c)
         # Logits at each row's last valid token of the chunk only (the LM head on every position
         # was a fifth of a SmolLM2 prefill's FLOPs; SambaY also skips its cross-decoder there).
-        logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=valid, logits="last")
+        if keep_hidden:  # the same pass as forward(logits="last"), split at the LM head
+            x, cache = family.hidden_states(params, cfg, tokens, positions, cache, valid=valid)  # [B, C, D]
+            logits = family.lm_head(params, cfg, last_valid(x, valid))
+            hidden = [lax.dynamic_update_slice_in_dim(hidden[0], x.astype(jnp.float32), start, axis=1)]
+        else:
+            logits, cache = family.forward(params, cfg, tokens, positions, cache, valid=valid, logits="last")
         picked = logits[:, 0]  # [B, V]
-        return cache, jnp.where(here[:, None], picked, last_logits)
+        return (cache, jnp.where(here[:, None], picked, last_logits), *hidden)
 
-    init = (cache, jnp.zeros((b, cfg.vocab_size), jnp.float32))
+    hidden = [jnp.zeros((b, prompt_buf.shape[1], cfg.hidden_size), jnp.float32)] if keep_hidden else []
+    init = (cache, jnp.zeros((b, cfg.vocab_size), jnp.float32), *hidden)
     if plan.single_pass:
-        cache, logits = chunk(0, init)
-        return cache, logits, jnp.int32(1)
-    num_chunks = (jnp.max(prompt_lens) + c - 1) // c
-    cache, logits = lax.fori_loop(0, num_chunks, chunk, init)
-    return cache, logits, num_chunks
+        num_chunks = jnp.int32(1)
+        cache, logits, *hidden = chunk(0, init)
+    else:
+        num_chunks = (jnp.max(prompt_lens) + c - 1) // c
+        cache, logits, *hidden = lax.fori_loop(0, num_chunks, chunk, init)
+    return (cache, logits, num_chunks, *hidden)  # hidden: with keep_hidden only
 
 
 def _pack(prompt_buf, prompt_lens, width: int):
@@ -205,14 +217,18 @@ def _pack(prompt_buf, prompt_lens, width: int):
     return tokens[None], pos[None], jnp.where(inside, row, -1)[None]
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan"))
-def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids, key, *, family, cfg, plan: Plan):
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "plan", "keep_hidden"))
+def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids, key, *, family, cfg, plan: Plan,
+            keep_hidden: bool = False):
     """Run the prompts through the model chunk by chunk and choose the first new token.
 
-    prompt_buf: [B, S] right-padded prompts; prompt_lens: [B] (0 for batch-padding rows).
+    prompt_buf: [B, S] right-padded prompts; prompt_lens: [B] (0 for batch-padding rows). Returns
+    (state, prefill passes), and with `keep_hidden` the prompt's hidden states `[B, S, D]` too
+    (`prefill_cache`).
     """
     b, vocab = plan.batch, cfg.vocab_size
-    cache, logits, num_chunks = prefill_cache(family, params, cfg, plan, prompt_buf, prompt_lens)
+    cache, logits, num_chunks, *hidden = prefill_cache(family, params, cfg, plan, prompt_buf, prompt_lens,
+                                                       keep_hidden)
     in_prompt = jnp.arange(plan.slots)[None] < prompt_lens[:, None]
     seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_buf].max(in_prompt)
     key, sub = jax.random.split(key)
@@ -221,8 +237,9 @@ def prefill(params, prompt_buf, prompt_lens, sampling: SamplingParams, stop_ids,
     out = jnp.zeros((b, plan.max_new_tokens), jnp.int32).at[:, 0].set(jnp.where(active, first, 0))
     done = ~active | jnp.isin(first, stop_ids) | (plan.max_new_tokens == 1)
     seen = seen.at[jnp.arange(b), first].set(True)
-    return DecodeState(cache=cache, next_token=first, out=out, num_new=active.astype(jnp.int32), done=done,
-                       seen=seen, step=jnp.zeros((), jnp.int32), key=key), num_chunks
+    state = DecodeState(cache=cache, next_token=first, out=out, num_new=active.astype(jnp.int32), done=done,
+                        seen=seen, step=jnp.zeros((), jnp.int32), key=key)
+    return (state, num_chunks, *hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("state",))

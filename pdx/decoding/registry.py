@@ -157,6 +157,10 @@ STRATEGIES: dict[str, Strategy] = {
                                                                      "tree": Option("int_list", ge=1, le=16,
                                                                                     nullable=True)},
                             _hidden_tree),
+    "spec-clover": Strategy(f"{_SPEC}:spec_clover", "speculative, trained Clover-2 heads draft a tree from the "
+                            "target's hidden states, each token conditioned on those drafted before it",
+                            SPECULATIVE | {"heads": Option("str", nullable=True),
+                                           "tree": Option("int_list", ge=1, le=16, nullable=True)}, _hidden_tree),
     "lookahead": Strategy(f"{_SPEC}:lookahead", "lookahead decoding, the target alone (Jacobi window + n-gram pool)",
                           SPECULATIVE | {"window": Option("int", ge=1, le=64), "ngram_size": Option("int", ge=2, le=16),
                                          "guesses": Option("int", ge=1, le=64)}, _lookahead),

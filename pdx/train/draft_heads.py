@@ -40,18 +40,15 @@ class TrainConfig:
     seed: int = 0
 
 
-def featurize(model, sequences: list[tuple[np.ndarray, int]], num_heads: int, batch: int = 8,
-              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, D] float32, targets [N, K] int32) of every position t >= prompt_len - 1 whose next
-    token is in the sequence, sequence by sequence in the given order; target k is the token at
-    t + 1 + k (-1 past the end). Sequences run in batches of similar length."""
+def sequence_states(model, sequences: list[tuple[np.ndarray, int]], batch: int = 8, progress: bool = True):
+    """Yield (index, final hidden states `[len, D]` float32) of every sequence (tokens, prompt length),
+    one target pass per batch of similar length (shortest first)."""
     if not sequences:
         raise InvalidInputError("no sequences to featurize")
     family, cfg = model.family, model.cfg
     fwd = jax.jit(lambda params, tokens, valid: family.hidden_states(
         params, cfg, tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), valid=valid)[0])
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    feats, targets = {}, {}
     for lo in tqdm(range(0, len(order), batch), desc="featurize", disable=not progress):
         rows = [sequences[i] for i in order[lo : lo + batch]]
         width = -(-max(len(t) for t, _ in rows) // 64) * 64  # buckets of 64: few compiles
@@ -61,11 +58,21 @@ def featurize(model, sequences: list[tuple[np.ndarray, int]], num_heads: int, ba
             tokens[r, : len(t)], valid[r, : len(t)] = t, True
         hidden = np.asarray(fwd(model.params, jnp.asarray(tokens), jnp.asarray(valid)), np.float32)
         for r, i in enumerate(order[lo : lo + batch]):
-            t, plen = sequences[i]
-            pos = np.arange(max(plen - 1, 0), len(t) - 1)  # positions whose next token was generated
-            idx = pos[:, None] + 1 + np.arange(1, num_heads + 1)  # [n, K]
-            feats[i] = hidden[r, pos]
-            targets[i] = np.where(idx < len(t), t[np.minimum(idx, len(t) - 1)], -1).astype(np.int32)
+            yield i, hidden[r, : len(sequences[i][0])]
+
+
+def featurize(model, sequences: list[tuple[np.ndarray, int]], num_heads: int, batch: int = 8,
+              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D] float32, targets [N, K] int32) of every position t >= prompt_len - 1 whose next
+    token is in the sequence, sequence by sequence in the given order; target k is the token at
+    t + 1 + k (-1 past the end). Sequences run in batches of similar length."""
+    feats, targets = {}, {}
+    for i, hidden in sequence_states(model, sequences, batch, progress):
+        t, plen = sequences[i]
+        pos = np.arange(max(plen - 1, 0), len(t) - 1)  # positions whose next token was generated
+        idx = pos[:, None] + 1 + np.arange(1, num_heads + 1)  # [n, K]
+        feats[i] = hidden[pos]
+        targets[i] = np.where(idx < len(t), t[np.minimum(idx, len(t) - 1)], -1).astype(np.int32)
     n = range(len(sequences))
     return np.concatenate([feats[i] for i in n]), np.concatenate([targets[i] for i in n])
 

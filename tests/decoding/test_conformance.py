@@ -83,6 +83,28 @@ def medusa_heads(name: str) -> str:
     return path
 
 
+@functools.cache
+def clover_heads(name: str) -> str:
+    """A checkpoint of Clover heads for the family's tiny model, initialised from it and perturbed (a path
+    that does not exist for a family without hidden states)."""
+    if not FAMILIES[name][0]()[2].capabilities(FAMILIES[name][0]()[0]).hidden_states:
+        return "/nonexistent/clover"
+    import dataclasses as dc
+
+    from pdx.decoding.speculative import clover, head_checkpoint
+    from pdx.train import clover_heads
+
+    model = build(name, "stacked")
+    geo = clover.Geometry.of(model.cfg)
+    rng = np.random.default_rng(1)
+    heads = jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape, np.float32) / a.shape[-1] ** 0.5,
+                         clover_heads.init_for(model, geo))
+    path = os.path.join(tempfile.mkdtemp(prefix="pdx-clover-"), "heads")
+    head_checkpoint.save(path, clover.KIND, {"heads": heads, "vocab": np.arange(model.cfg.vocab_size)}, model,
+                         {"tree": [[0], [1], [0, 0]], "geometry": dc.asdict(geo)})
+    return path
+
+
 # Options under which each strategy's greedy output must equal the family's reference decoding
 # (a function of the family name and layout, so draft models can be built). Every strategy needs one.
 EXACT = {
@@ -93,6 +115,7 @@ EXACT = {
     "spec-aded": lambda f, lay: {"k": 3},
     "spec-tree": lambda f, lay: {"tree": [2, 2], "skip": [1]},
     "spec-medusa": lambda f, lay: {"heads": medusa_heads(f)},
+    "spec-clover": lambda f, lay: {"heads": clover_heads(f)},
     "lookahead": lambda f, lay: {"window": 3, "ngram_size": 3, "guesses": 2},
     "llada": lambda f, lay: {"block_size": 5},
     "fast-dllm": lambda f, lay: {"block_size": 5, "threshold": 1.0, "cache": "none"},
@@ -106,8 +129,9 @@ DLLM_STRATEGIES = ("llada", "fast-dllm", "localleap", "cd4lm-cad", "credit", "pr
 
 # The support matrix as declared today: a change in a family's capabilities must show up here too.
 UNSUPPORTED = {
-    ("mamba2", "spec-tree"), ("mamba2", "lookahead"), ("mamba2", "spec-medusa"),
+    ("mamba2", "spec-tree"), ("mamba2", "lookahead"), ("mamba2", "spec-medusa"), ("mamba2", "spec-clover"),
     ("sambay", "spec-layerskip"), ("sambay", "spec-tree"), ("sambay", "lookahead"), ("sambay", "spec-medusa"),
+    ("sambay", "spec-clover"),
 } | {(f, s) for f in ("transformer", "mamba2", "sambay") for s in DLLM_STRATEGIES} \
   | {(f, s) for f in ("llada-dllm", "dream-dllm") for s in registry.STRATEGIES if s not in DLLM_STRATEGIES}
 

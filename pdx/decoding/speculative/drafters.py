@@ -18,8 +18,11 @@ candidate depth, and
         (sees the target's scores of every node, the accepted path and, for a drafter with
         `USES_HIDDEN`, the target's final hidden states there: `engine.tree_decode` then runs the
         target's `hidden_states` and `lm_head` in place of `forward`)
+A drafter with `PROMPT_HIDDEN` also gets the target's final hidden states at every prompt position,
+from the prefill's own passes: `init(arrays, plan, prompt_buf, lens, hidden [B, S, D])` (Clover
+prefills its augmenting block's cache from them; the prefill is then never packed).
 Chain drafters here: PromptLookup, DraftModel (draft_model, layer_skip), `ngram.NGramTable`; tree
-drafters: TreeDraft (tree_draft), `ngram.Lookahead`, `medusa.Medusa`.
+drafters: TreeDraft (tree_draft), `ngram.Lookahead`, `medusa.Medusa`, `clover.Clover`.
 """
 
 from __future__ import annotations

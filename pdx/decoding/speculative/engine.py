@@ -67,15 +67,17 @@ def _write_at(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "plan", "drafter"))
 def spec_prefill(params, draft_arrays, prompt_buf, prompt_lens, sampling, stop_ids, key, k0, *, family, cfg,
                  plan: ar.Plan, drafter):
-    state, chunks = ar.prefill(params, prompt_buf, prompt_lens, sampling, stop_ids, key, family=family, cfg=cfg,
-                               plan=plan)
+    prompt_hidden = getattr(drafter, "PROMPT_HIDDEN", False)
+    state, chunks, *hidden = ar.prefill(params, prompt_buf, prompt_lens, sampling, stop_ids, key, family=family,
+                                        cfg=cfg, plan=plan, keep_hidden=prompt_hidden)
     b, kmax = plan.batch, drafter.k
     first = state.next_token
     hist = _write_at(prompt_buf, first[:, None], prompt_lens)
     out = jnp.zeros((b, plan.max_new_tokens + kmax + 1), jnp.int32).at[:, 0].set(state.out[:, 0])
     spec = SpecState(
         cache=state.cache, hist=hist, pos=prompt_lens, out=out, num_new=state.num_new, done=state.done,
-        k=jnp.full((b,), k0, jnp.int32), drafter=drafter.init(draft_arrays, plan, prompt_buf, prompt_lens),
+        k=jnp.full((b,), k0, jnp.int32),
+        drafter=drafter.init(draft_arrays, plan, prompt_buf, prompt_lens, *hidden),  # hidden: with PROMPT_HIDDEN
         key=state.key, passes=jnp.zeros((), jnp.int32), plain_passes=jnp.zeros((), jnp.int32),
         row_passes=jnp.zeros((b,), jnp.int32), drafted=jnp.zeros((b,), jnp.int32),
         accepted=jnp.zeros((b,), jnp.int32), accepted_at=jnp.zeros((kmax,), jnp.int32),
@@ -258,7 +260,8 @@ def generate(model, prompts: list[list[int]], *, drafter, adaptive: bool = False
         require(draft_cfg.vocab_size == model.cfg.vocab_size,
                 f"the draft model's vocabulary ({draft_cfg.vocab_size}) differs from the target's "
                 f"({model.cfg.vocab_size}); speculative decoding needs a shared vocabulary")
-    packable = ar.packs(model.family, model.cfg) and (draft_cfg is None or ar.packs(drafter.family, draft_cfg))
+    packable = ar.packs(model.family, model.cfg) and (draft_cfg is None or ar.packs(drafter.family, draft_cfg)) \
+        and not getattr(drafter, "PROMPT_HIDDEN", False)  # a packed prefill keeps no per-row hidden states
     req = ar.make_request(model, prompts, options, step_tokens=(drafter.tree.size if is_tree else kmax) + 2,
                           packable=packable)
     statics = {"family": model.family, "cfg": model.cfg, "drafter": drafter}

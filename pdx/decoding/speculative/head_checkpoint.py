@@ -1,4 +1,5 @@
-"""Checkpoints of trained draft heads (Medusa and the other trained drafters), bound to their target.
+"""Checkpoints of trained draft heads (Medusa, Clover), bound to their target, and what the head-based
+tree drafters share: loading one with its tree, and the output layer over a vocabulary subset.
 
 A checkpoint is an orbax directory (`checkpoint.save_arrays`, written atomically): the head
 arrays, the vocabulary subset, and meta.json with the drafter kind, the default tree and the target's
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdx import checkpoint
+from pdx.decoding.speculative import tree as trees
 from pdx.errors import InvalidInputError, ModelLoadError
 
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -60,3 +62,36 @@ def load(path: str | os.PathLike, kind: str, model) -> tuple[dict, dict]:
     if why:
         raise InvalidInputError(f"the draft heads at {path} do not fit this model: {why}")
     return arrays, meta
+
+
+def load_drafter(path: str | os.PathLike | None, kind: str, model, default: str, head_keys: set[str],
+                 tree=None) -> tuple[dict, np.ndarray, trees.Tree, dict]:
+    """(heads, vocab, tree, meta) of the `kind` drafter checkpoint at `path` (None: the shipped one at
+    `default`), refused unless it was trained for `model` and its heads hold exactly `head_keys`; `tree`:
+    branching factors per depth, default the checkpoint's own sparse tree (`meta["tree"]`)."""
+    if path is None and not os.path.isdir(default):
+        raise ModelLoadError(f"the shipped {kind} heads are missing ({default}): reinstall pdx, or train heads "
+                             "with scripts/train_draft_heads.py and pass heads=PATH")
+    path = default if path is None else path
+    arrays, meta = load(path, kind, model)
+    heads = arrays.get("heads")
+    if not isinstance(heads, dict) or set(heads) != set(head_keys) or "vocab" not in arrays:
+        raise ModelLoadError(f"{path} does not hold {kind} heads ({', '.join(sorted(head_keys))}) and a vocabulary")
+    shape = trees.from_paths(meta["tree"]) if tree is None else trees.branching(tuple(tree))
+    return heads, np.asarray(arrays["vocab"], np.int32), shape, meta
+
+
+def check_subset(tree: trees.Tree, vocab: np.ndarray, subset: int) -> None:
+    """A head drafter's vocabulary: `vocab` ids for an output layer over `subset` tokens, enough of them
+    for the deepest top-k rank the tree asks for."""
+    if len(vocab) != subset:
+        raise InvalidInputError(f"{len(vocab)} vocabulary ids for heads over {subset} tokens")
+    if int(tree.rank.max()) >= len(vocab):
+        raise InvalidInputError("the tree asks for more top-k ranks than the heads' vocabulary holds")
+
+
+def subset_arrays(model, vocab: np.ndarray) -> dict:
+    """The output layer over the subset: `out_rows [|S|, D]`, the target's own (frozen) output embedding
+    on the subset's token ids `vocab [|S|]` (fp32), and those ids."""
+    ids = jnp.asarray(vocab, jnp.int32)
+    return {"out_rows": model.family.lm_head_rows(model.params, model.cfg, ids), "vocab": ids}

@@ -34,7 +34,7 @@ from jax import lax
 from pdx.decoding.ar import Plan
 from pdx.decoding.speculative import head_checkpoint
 from pdx.decoding.speculative import tree as trees
-from pdx.errors import InvalidInputError, ModelLoadError
+from pdx.errors import InvalidInputError
 
 KIND = "medusa"
 # The shipped heads for SmolLM2-135M-Instruct (`scripts/train_draft_heads.py`), inside the package.
@@ -77,22 +77,18 @@ class Medusa:
     cfg: ClassVar[None] = None
 
     def __post_init__(self):
-        heads, subset = self.heads["w"].shape[0], self.heads["out_bias"].shape[-1]
-        if len(self.vocab) != subset:
-            raise InvalidInputError(f"{len(self.vocab)} vocabulary ids for heads over {subset} tokens")
+        heads = self.heads["w"].shape[0]
+        head_checkpoint.check_subset(self.tree, self.vocab, self.heads["out_bias"].shape[-1])
         if self.tree.max_depth > heads:
             raise InvalidInputError(f"the tree is {self.tree.max_depth} deep and there are only {heads} Medusa heads")
-        if int(self.tree.rank.max()) >= len(self.vocab):
-            raise InvalidInputError("the tree asks for more top-k ranks than the heads' vocabulary holds")
 
     @property
     def k(self) -> int:
         return self.tree.max_depth
 
     def arrays(self, model):
-        out_rows = model.family.lm_head_rows(model.params, model.cfg, jnp.asarray(self.vocab, jnp.int32))
-        return {"heads": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), self.heads), "out_rows": out_rows,
-                "vocab": jnp.asarray(self.vocab, jnp.int32)}
+        return {"heads": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), self.heads),
+                **head_checkpoint.subset_arrays(model, self.vocab)}
 
     def init(self, arrays, plan: Plan, prompt_buf, prompt_lens):
         dim = arrays["out_rows"].shape[1]
@@ -115,13 +111,6 @@ def load(model, path: str | None = None, tree=None) -> Medusa:
     """The Medusa drafter of the heads at `path` (default: the shipped SmolLM2 heads), refused unless
     they were trained for `model`; `tree`: branching factors per depth, default the checkpoint's own
     sparse tree (built from the heads' held-out top-k accuracies)."""
-    if path is None and not os.path.isdir(DEFAULT_HEADS):
-        raise ModelLoadError(f"the shipped Medusa heads are missing ({DEFAULT_HEADS}): reinstall pdx, or train heads "
-                             "with scripts/train_draft_heads.py and pass heads=PATH")
-    path = DEFAULT_HEADS if path is None else path
-    arrays, meta = head_checkpoint.load(path, KIND, model)
-    heads = arrays.get("heads")
-    if not isinstance(heads, dict) or set(heads) != {"w", "b", "out_bias"} or "vocab" not in arrays:
-        raise ModelLoadError(f"{path} does not hold Medusa heads (w, b, out_bias) and a vocabulary")
-    shape = trees.from_paths(meta["tree"]) if tree is None else trees.branching(tuple(tree))
-    return Medusa(tree=shape, heads=heads, vocab=np.asarray(arrays["vocab"], np.int32))
+    heads, vocab, shape, _ = head_checkpoint.load_drafter(path, KIND, model, DEFAULT_HEADS, {"w", "b", "out_bias"},
+                                                          tree)
+    return Medusa(tree=shape, heads=heads, vocab=vocab)

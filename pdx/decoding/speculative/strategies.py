@@ -1,5 +1,5 @@
 """CLI-facing speculative strategies (`pdx generate --strategy spec-pld|spec-aded|spec-draft|spec-layerskip|
-spec-tree|lookahead|spec-medusa`).
+spec-tree|lookahead|spec-medusa|spec-clover`).
 
 Each takes `generate(model, prompts, **options)`; drafter options (k, adaptive, ...) are peeled
 off here and the rest go to the engine (same names as `pdx.decoding.ar.generate`).
@@ -12,7 +12,7 @@ step, 8 tokens 1.7x, 9 tokens 2.9x).
 from __future__ import annotations
 
 from pdx.decoding.registry import strategy
-from pdx.decoding.speculative import drafters, engine, medusa, ngram
+from pdx.decoding.speculative import clover, drafters, engine, medusa, ngram
 from pdx.errors import InvalidInputError
 
 
@@ -92,3 +92,12 @@ def spec_medusa(model, prompts, *, heads: str | None = None, tree=None, **option
     of `scripts/train_draft_heads.py` (default: the shipped SmolLM2 heads); tree: branching factors per
     depth (default: the checkpoint's sparse tree)."""
     return engine.generate(model, prompts, drafter=medusa.load(model, heads, tree), **options)
+
+
+@strategy("spec-clover")
+def spec_clover(model, prompts, *, heads: str | None = None, tree=None, **options):
+    """Clover-2 heads on the target's hidden states draft a static tree, each token conditioned on the ones
+    drafted before it (`clover.py`). heads: a checkpoint of `scripts/train_draft_heads.py --drafter clover`
+    (default: the shipped SmolLM2 heads); tree: branching factors per depth (default: the checkpoint's
+    sparse tree)."""
+    return engine.generate(model, prompts, drafter=clover.load(model, heads, tree), **options)
