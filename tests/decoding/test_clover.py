@@ -123,6 +123,7 @@ def test_propose_matches_a_one_shot_computation(target, heads):
     assert bool(valid.all()) and float(jnp.max(jnp.abs(kids[0] - kids[1]))) > 1e-2
 
 
+@pytest.mark.slow  # the shared training fixture: ~25 s
 def test_training_lowers_the_loss(trained):
     losses = trained["losses"]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:3])  # measured 0.53 (soft targets: an entropy floor)
@@ -146,6 +147,7 @@ class DiesAt:
         return self.hidden[idx]
 
 
+@pytest.mark.slow  # the shared training fixture: ~25 s
 def test_training_resumes_after_a_kill(tmp_path, target, trained):
     geo, data = clover.Geometry.of(target.cfg), trained["data"]
     tc = ch.TrainConfig(num_heads=2, steps=6, batch=2, window=64, warmup=2)
@@ -162,6 +164,7 @@ def test_training_resumes_after_a_kill(tmp_path, target, trained):
     np.testing.assert_array_equal(resumed, whole)
 
 
+@pytest.mark.slow  # the shared training fixture: ~25 s
 def test_trained_heads_identical_to_ar_and_accept(target, trained):
     ref = ar.generate(target, PROMPTS, max_new_tokens=40, stop_token_ids=[])
     out = registry.get("spec-clover")(target, PROMPTS, heads=trained["path"], max_new_tokens=40, stop_token_ids=[])
@@ -183,7 +186,8 @@ def test_trained_heads_identical_to_ar_and_accept(target, trained):
     assert compiled.compile_count(engine.tree_decode) == before
 
 
-@pytest.mark.parametrize("verifier", ["token", pytest.param("traversal", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 13-24 s each; the default suite keeps the Medusa and draft-model chi-squares
+@pytest.mark.parametrize("verifier", ["token", "traversal"])
 def test_clover_sampling_is_lossless(verifier):
     """Chi-square over 2048 rows of 3 sampled tokens (16 cache slots: the draft cache of 2048 rows stays small)."""
     model = tiny(vocab=5, scale=0.8)
