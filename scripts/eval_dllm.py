@@ -11,9 +11,10 @@ for the code workload until a code dLLM ships): LLaDA at 1 token per step (the b
 with its exact prefix cache; both also with the dual cache) and Fast-dLLM's threshold 0.9 with no cache,
 prefix cache and dual cache, in 32-token blocks. Accuracy: exact match (fill) or a valid answer (agree).
 
-AR (`--workloads ar`): the same-vocabulary causal model (checkpoints/tiny_ar, scripts/train_tiny_ar.py)
-on the synthetic and long tasks, greedy with pdx's AR engine: one forward per generated token (the
-prompt's pass makes the first); its rows sit in those workloads' tables and plots as model "causal".
+AR (`--workloads ar`): the same-vocabulary causal models (checkpoints/tiny_ar/<task>,
+scripts/train_tiny_ar.py) on the synthetic and long tasks, greedy with pdx's AR engine: one forward per
+generated token (the prompt's pass makes the first); their rows sit in those workloads' tables and plots as
+model "causal".
 
 Code (checkpoints/code_dllm, scripts/train_code_dllm.py): held-out standard-library functions (def
 line through docstring) completed with 256 and 512 bytes, the reference (one byte per step) and
@@ -235,10 +236,15 @@ def merge(files: list[str]) -> list[dict]:
 
 def tiny_models(ckpt: str, kind: str, names: list[str]) -> dict:
     """The `kind` tiny dLLM of each task that has one under `ckpt` (the others are reported, not silently dropped)."""
-    paths = {name: os.path.join(ckpt, kind, name) for name in names}
+    return task_models(os.path.join(ckpt, kind), names, f"{kind} tiny dLLM")
+
+
+def task_models(root: str, names: list[str], what: str) -> dict:
+    """The model of each task that has one at root/<task> (the others are reported, not silently dropped)."""
+    paths = {name: os.path.join(root, name) for name in names}
     models = {name: pdx.load_model(path) for name, path in paths.items() if os.path.isdir(path)}
     if missing := sorted(set(paths) - set(models)):
-        print(f"no {kind} tiny dLLM for {', '.join(missing)} under {ckpt}: skipped", file=sys.stderr)
+        print(f"no {what} for {', '.join(missing)} under {root}: skipped", file=sys.stderr)
     return models
 
 
@@ -249,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200, help="held-out instances per synthetic task")
     ap.add_argument("--long-n", type=int, default=32, help="held-out instances per long task")
     ap.add_argument("--tasks", default=",".join(tasks.TASKS), help="tasks of the synthetic, long and ar workloads")
-    ap.add_argument("--ar-ckpt", default="checkpoints/tiny_ar", help="the same-vocabulary AR model")
+    ap.add_argument("--ar-ckpt", default="checkpoints/tiny_ar", help="the same-vocabulary AR models (<dir>/<task>)")
     ap.add_argument("--settings", default=None, help="comma-separated setting labels to run (default: all)")
     ap.add_argument("--models", default="bidirectional,block_causal")
     ap.add_argument("--code-ckpt", default="checkpoints/code_dllm", help="the code dLLMs (<dir>/<model>)")
@@ -292,14 +298,10 @@ def main(argv=None) -> int:
                 rows += [{"model": kind, "n": args.code_n, **r}
                          for r in evaluate_code(model, kind, prompts, gen, args.batch, args.n1)]
     if "ar" in workloads and not args.merge:
-        if not os.path.isdir(args.ar_ckpt):
-            print(f"no AR model at {args.ar_ckpt} (pdx train tiny_ar): its rows are skipped", file=sys.stderr)
-        else:
-            model = pdx.load_model(args.ar_ckpt)
-            runs = [("ar greedy", "ar", ar_generate, {})]
-            for workload, group, n in (("synthetic", short, args.n), ("long", long, args.long_n)):
-                rows += [{"model": "causal", "n": n, **r}
-                         for r in evaluate({name: model for name in group}, n, runs, args.batch, args.n1, workload)]
+        runs = [("ar greedy", "ar", ar_generate, {})]
+        for workload, group, n in (("synthetic", short, args.n), ("long", long, args.long_n)):
+            models = task_models(args.ar_ckpt, group, "AR model (pdx train tiny_ar)")
+            rows += [{"model": "causal", "n": n, **r} for r in evaluate(models, n, runs, args.batch, args.n1, workload)]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     atomic_write(args.out + ".json", json.dumps(dict(n=sorted({r["n"] for r in rows}), rows=rows), indent=1))
     atomic_write(args.out + ".md", markdown(rows))
