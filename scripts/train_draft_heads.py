@@ -38,48 +38,70 @@ from pdx.train import diffusion, loop
 from pdx.train import draft_heads as dh
 
 
-def features(model, data: str, state: str, num_heads: int) -> dict:
-    """{train,heldout}_{feats,targets} and `seconds` (the featurizing run's): cached after the first run
-    (the target's pass is the slow part)."""
-    path = os.path.join(state, "features.npz")
+def cached(path: str, build, fits=lambda z: True) -> dict:
+    """The arrays `build()` returns (plus `seconds`, its run time), saved atomically to `path` on the first
+    run and read back after while `fits` them (the target's pass over the data is the slow part)."""
     if os.path.isfile(path):
         with np.load(path) as z:
-            if z["train_targets"].shape[1] == num_heads:
+            if fits(z):
                 return dict(z)
-    t0, out = time.time(), {}
-    for kind in ("train", "heldout"):
-        seqs = dh.read_shards(data, kind)
-        if not seqs:
-            raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
-        f, t = dh.featurize(model, seqs, num_heads)
-        out[f"{kind}_feats"], out[f"{kind}_targets"] = f.astype(np.float16), t
+    t0 = time.time()
+    out = build()
     out["seconds"] = np.float64(time.time() - t0)
     buf = io.BytesIO()
     np.savez(buf, **out)
-    os.makedirs(state, exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, buf.getvalue())
     return out
+
+
+def shards(data: str, kind: str) -> list:
+    if not (seqs := dh.read_shards(data, kind)):
+        raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
+    return seqs
+
+
+def features(model, data: str, state: str, num_heads: int) -> dict:
+    """{train,heldout}_{feats,targets} and `seconds`: Medusa's per-position features, cached."""
+    def build():
+        out = {}
+        for kind in ("train", "heldout"):
+            f, t = dh.featurize(model, shards(data, kind), num_heads)
+            out[f"{kind}_feats"], out[f"{kind}_targets"] = f.astype(np.float16), t
+        return out
+
+    return cached(os.path.join(state, "features.npz"), build, lambda z: z["train_targets"].shape[1] == num_heads)
 
 
 def sequence_features(model, data: str, state: str) -> dict:
-    """{train,heldout}_{hidden,tokens,offsets,prompt_lens} (`clover_heads.featurize`) and `seconds`,
-    cached after the first run."""
-    path = os.path.join(state, "clover_features.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            return dict(z)
-    t0, out = time.time(), {}
-    for kind in ("train", "heldout"):
-        seqs = dh.read_shards(data, kind)
-        if not seqs:
-            raise SystemExit(f"no {kind} shards in {data}: run scripts/make_draft_data.py first")
-        out |= {f"{kind}_{k}": v for k, v in ch.featurize(model, seqs).items()}
-    out["seconds"] = np.float64(time.time() - t0)
-    buf = io.BytesIO()
-    np.savez(buf, **out)
-    os.makedirs(state, exist_ok=True)
-    atomic_write(path, buf.getvalue())
-    return out
+    """{train,heldout}_{hidden,tokens,offsets,prompt_lens} (`clover_heads.featurize`) and `seconds`, cached."""
+    return cached(os.path.join(state, "clover_features.npz"),
+                  lambda: {f"{kind}_{k}": v for kind in ("train", "heldout")
+                           for k, v in ch.featurize(model, shards(data, kind)).items()})
+
+
+def ship(model, args, kind: str, heads, vocab, evaluate, meta: dict, losses, train_s: float, features_s: float,
+         name: str, title: str, ylabel: str) -> int:
+    """Write the heads (bf16, with the vocabulary subset and the sparse tree built from `evaluate`'s held-out
+    top-k accuracies of the bf16 heads) to the checkpoint, and the report and loss curve to bench/<name>."""
+    shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
+    acc, heldout_loss = evaluate(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped))
+    paths, expected = dh.sparse_tree(acc, args.tree_size)
+    with open(os.path.join(args.data, "recipe.json")) as f:
+        recipe = json.load(f)
+    meta = {"tree": paths, **meta, "expected_accepted_per_pass": round(expected, 3),
+            "heldout_topk_accuracy": np.round(acc, 4).tolist(), "heldout_loss": round(heldout_loss, 4),
+            "vocab_subset": len(vocab), "data": {k: v for k, v in recipe.items() if k != "args"}}
+    head_checkpoint.save(args.out, kind, {"heads": shipped, "vocab": vocab}, model, meta)
+    os.makedirs(args.bench, exist_ok=True)
+    report = {**meta, "features_s": round(features_s, 1), "train_s": round(train_s, 1),
+              "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
+              "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
+    atomic_write(os.path.join(args.bench, f"{name}.json"), json.dumps(report))
+    diffusion.plot_losses({kind: np.asarray(losses)}, os.path.join(args.bench, f"{name}_loss.png"), title=title,
+                          ylabel=ylabel)
+    print(json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1), flush=True)
+    return 0
 
 
 def main_clover(model, args) -> int:
@@ -98,27 +120,11 @@ def main_clover(model, args) -> int:
     heads, losses = ch.train(ch.init_for(model, geo, tc.seed), geo, out_rows, embed, data["train"], tc,
                              checkpoint_dir=os.path.join(args.state, "clover"), save_every=args.save_every)
     train_s = loop.read_progress(os.path.join(args.state, "clover"))["elapsed_s"]
-    shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
-    as_run = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped)
-    acc, heldout_loss = ch.evaluate(as_run, geo, out_rows, vocab, embed, data["heldout"], tc, progress=True)
-    paths, expected = dh.sparse_tree(acc, args.tree_size)
-    recipe = json.load(open(os.path.join(args.data, "recipe.json")))
-    meta = {"tree": paths, "geometry": dataclasses.asdict(geo), "expected_accepted_per_pass": round(expected, 3),
-            "heldout_topk_accuracy": np.round(acc, 4).tolist(), "heldout_loss": round(heldout_loss, 4),
-            "vocab_subset": len(vocab), "train": dataclasses.asdict(tc),
-            "data": {k: v for k, v in recipe.items() if k != "args"}}
-    head_checkpoint.save(args.out or clover.DEFAULT_HEADS, clover.KIND, {"heads": shipped, "vocab": vocab}, model,
-                         meta)
-    os.makedirs(args.bench, exist_ok=True)
-    report = {**meta, "features_s": round(float(feats.get("seconds", np.nan)), 1), "train_s": round(train_s, 1),
-              "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
-              "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
-    atomic_write(os.path.join(args.bench, "clover_heads.json"), json.dumps(report))
-    diffusion.plot_losses({"clover": np.asarray(losses)}, os.path.join(args.bench, "clover_heads_loss.png"),
-                          title="Clover-2 heads on SmolLM2-135M-Instruct",
-                          ylabel=f"KD loss (SmoothL1 x {tc.regression_weight:g} + soft CE, heads x {tc.decay}^i)")
-    print(json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1), flush=True)
-    return 0
+    return ship(model, args, clover.KIND, heads, vocab,
+                lambda h: ch.evaluate(h, geo, out_rows, vocab, embed, data["heldout"], tc, progress=True),
+                {"geometry": dataclasses.asdict(geo), "train": dataclasses.asdict(tc)}, losses, train_s,
+                float(feats.get("seconds", np.nan)), "clover_heads", "Clover-2 heads on SmolLM2-135M-Instruct",
+                f"KD loss (SmoothL1 x {tc.regression_weight:g} + soft CE, heads x {tc.decay}^i)")
 
 
 def main(argv=None) -> int:
@@ -139,6 +145,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = load_model()
     if args.drafter == "clover":
+        args.out = args.out or clover.DEFAULT_HEADS
         return main_clover(model, args)
     args.heads, args.batch, args.out = args.heads or 4, args.batch or 1024, args.out or medusa.DEFAULT_HEADS
     data = features(model, args.data, args.state, args.heads)
@@ -150,27 +157,16 @@ def main(argv=None) -> int:
     heads, losses = dh.train(out_rows, data["train_feats"], dh.to_subset(data["train_targets"], vocab), tc,
                              checkpoint_dir=os.path.join(args.state, "medusa"), save_every=args.save_every)
     train_s = loop.read_progress(os.path.join(args.state, "medusa"))["elapsed_s"]  # over every resumed piece
-    shipped = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), heads)
-    as_run = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), shipped)
-    acc = dh.topk_accuracy(as_run, out_rows, vocab, data["heldout_feats"], data["heldout_targets"])
-    heldout_loss = float(dh.loss_fn(as_run, jnp.asarray(out_rows), jnp.asarray(data["heldout_feats"], jnp.float32),
-                                    jnp.asarray(dh.to_subset(data["heldout_targets"], vocab))))
-    paths, expected = dh.sparse_tree(acc, args.tree_size)
-    recipe = json.load(open(os.path.join(args.data, "recipe.json")))
-    meta = {"tree": paths, "expected_accepted_per_pass": round(expected, 3), "heldout_topk_accuracy":
-            np.round(acc, 4).tolist(), "heldout_loss": round(heldout_loss, 4), "vocab_subset": len(vocab),
-            "train": dataclasses.asdict(tc), "data": {k: v for k, v in recipe.items() if k != "args"}}
-    head_checkpoint.save(args.out, medusa.KIND, {"heads": shipped, "vocab": vocab}, model, meta)
-    os.makedirs(args.bench, exist_ok=True)
-    report = {**meta, "features_s": round(float(data.get("seconds", np.nan)), 1), "train_s": round(train_s, 1),
-              "final_loss": float(np.mean(losses[-50:])), "losses": [round(float(x), 4) for x in losses],
-              "head_params": int(sum(x.size for x in jax.tree.leaves(shipped)))}
-    atomic_write(os.path.join(args.bench, "draft_heads.json"), json.dumps(report))
-    diffusion.plot_losses({"medusa": np.asarray(losses)}, os.path.join(args.bench, "draft_heads_loss.png"),
-                          title="Medusa heads on SmolLM2-135M-Instruct",
-                          ylabel="weighted cross-entropy (nats, heads 1-4)")
-    print(json.dumps({k: v for k, v in report.items() if k != "losses"}, indent=1), flush=True)
-    return 0
+
+    def evaluate(heads):
+        acc = dh.topk_accuracy(heads, out_rows, vocab, data["heldout_feats"], data["heldout_targets"])
+        loss = float(dh.loss_fn(heads, jnp.asarray(out_rows), jnp.asarray(data["heldout_feats"], jnp.float32),
+                                jnp.asarray(dh.to_subset(data["heldout_targets"], vocab))))
+        return acc, loss
+
+    return ship(model, args, medusa.KIND, heads, vocab, evaluate, {"train": dataclasses.asdict(tc)}, losses, train_s,
+                float(data.get("seconds", np.nan)), "draft_heads", "Medusa heads on SmolLM2-135M-Instruct",
+                "weighted cross-entropy (nats, heads 1-4)")
 
 
 if __name__ == "__main__":

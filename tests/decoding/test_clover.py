@@ -14,7 +14,7 @@ import pytest
 
 from pdx.decoding import ar, compiled, registry
 from pdx.decoding.speculative import clover, engine, head_checkpoint, medusa, tree
-from pdx.errors import InvalidInputError, ModelLoadError, UnsupportedError
+from pdx.errors import InvalidInputError, ModelLoadError
 from pdx.train import clover_heads as ch
 from pdx.train import draft_heads as dh
 from tests.decoding.test_speculative import PROMPTS, assert_lossless, tiny
@@ -212,12 +212,3 @@ def test_checkpoint_bound_to_its_target(tmp_path, target, heads):
                          target, {"tree": [[0]]})
     with pytest.raises(InvalidInputError, match="'medusa' draft heads, not 'clover'"):
         clover.load(target, str(other))
-
-
-def test_unsupported_families_refused_before_loading():
-    from tests.decoding.test_conformance import build
-
-    with pytest.raises(UnsupportedError, match="hidden states"):
-        registry.get("spec-clover")(build("mamba2", "per_layer"), PROMPTS, heads="/nonexistent")
-    with pytest.raises(InvalidInputError, match="option 'tree'"):
-        registry.get("spec-clover")(tiny(layers=2), PROMPTS, tree=[0])

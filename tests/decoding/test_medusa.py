@@ -175,13 +175,14 @@ def test_checkpoint_bound_to_its_target(tmp_path, target):
         medusa.load(target, str(other))
 
 
-def test_unsupported_families_refused_before_loading():
+@pytest.mark.parametrize("name", ["spec-medusa", "spec-clover"])
+def test_unsupported_families_refused_before_loading(name):
     from tests.decoding.test_conformance import build
 
     with pytest.raises(UnsupportedError, match="hidden states"):
-        registry.get("spec-medusa")(build("mamba2", "per_layer"), PROMPTS, heads="/nonexistent")
+        registry.get(name)(build("mamba2", "per_layer"), PROMPTS, heads="/nonexistent")
     with pytest.raises(InvalidInputError, match="option 'tree'"):
-        registry.get("spec-medusa")(tiny(layers=2), PROMPTS, tree=[0])
+        registry.get(name)(tiny(layers=2), PROMPTS, tree=[0])
 
 
 @pytest.mark.slow
