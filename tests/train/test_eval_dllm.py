@@ -99,7 +99,7 @@ def test_long_workload_and_ar_baseline_end_to_end(tmp_path):
     ckpt = tmp_path / "tiny"
     for attention, diffusion in (("bidirectional", True), (None, False)):
         cfg = tasks.model_config(hidden=32, layers=1, positions=320, diffusion=diffusion)
-        path = ckpt / attention / "agree-256" if attention else tmp_path / "ar"
+        path = (ckpt / attention if attention else tmp_path / "ar") / "agree-256"  # AR models: <ar-ckpt>/<task>
         orbax_checkpoint.save(path, transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg, {})
     out = tmp_path / "eval"
     assert cli.main(["eval", "dllm", "--workloads", "long,ar", "--models", "bidirectional", "--ckpt", str(ckpt),
