@@ -17,6 +17,7 @@ from pdx.decoding.speculative import clover, engine, head_checkpoint, medusa, tr
 from pdx.errors import InvalidInputError, ModelLoadError
 from pdx.train import clover_heads as ch
 from pdx.train import draft_heads as dh
+from tests.decoding.test_medusa import self_distilled
 from tests.decoding.test_speculative import PROMPTS, assert_lossless, tiny
 
 PATHS = ((0,), (1,), (0, 0), (1, 0), (0, 0, 0))
@@ -59,9 +60,7 @@ TC = ch.TrainConfig(num_heads=3, steps=150, batch=8, window=64, lr=3e-3, warmup=
 def trained(target, tmp_path_factory):
     """Heads trained briefly on the tiny target's own greedy continuations (of PROMPTS among others: a
     random tiny model's text is learned by heart), saved and loaded back."""
-    prompts = PROMPTS + [[int(x) for x in np.random.default_rng(i).integers(3, 120, 6)] for i in range(21)]
-    out = ar.generate(target, prompts, max_new_tokens=40, stop_token_ids=[])
-    seqs = [(np.asarray(p + out.row(i), np.int32), len(p)) for i, p in enumerate(prompts)]
+    seqs = self_distilled(target)
     data = ch.featurize(target, seqs, progress=False)
     vocab = dh.vocab_subset(ch.targets(data, TC.num_heads), 1.0)
     rows = np.asarray(target.family.lm_head_rows(target.params, target.cfg, jnp.asarray(vocab)))

@@ -35,13 +35,19 @@ def target():
     return tiny(layers=2)
 
 
+def self_distilled(target) -> list[tuple[np.ndarray, int]]:
+    """(prompt + the target's greedy continuation, prompt length) for PROMPTS and 21 random prompts: the
+    training data of the tiny heads (a random tiny model's text is learned by heart)."""
+    prompts = PROMPTS + [[int(x) for x in np.random.default_rng(i).integers(3, 120, 6)] for i in range(21)]
+    out = ar.generate(target, prompts, max_new_tokens=40, stop_token_ids=[])
+    return [(np.asarray(p + out.row(i), np.int32), len(p)) for i, p in enumerate(prompts)]
+
+
 @pytest.fixture(scope="module")
 def trained(target, tmp_path_factory):
     """Heads trained briefly on the tiny target's own greedy continuations (of PROMPTS among others: a
     random tiny model's text is learned by heart), saved and loaded back."""
-    prompts = PROMPTS + [[int(x) for x in np.random.default_rng(i).integers(3, 120, 6)] for i in range(21)]
-    out = ar.generate(target, prompts, max_new_tokens=40, stop_token_ids=[])
-    seqs = [(np.asarray(p + out.row(i), np.int32), len(p)) for i, p in enumerate(prompts)]
+    seqs = self_distilled(target)
     feats, targets = dh.featurize(target, seqs, num_heads=3, progress=False)
     vocab = dh.vocab_subset(targets, 1.0)
     rows = np.asarray(target.family.lm_head_rows(target.params, target.cfg, jnp.asarray(vocab)))
